@@ -1,0 +1,508 @@
+"""Typed run configuration: one source of defaults, YAML files, command-line overrides.
+
+Every component takes its own sub-config (``VisionConfig`` for the encoder, ``LossConfig`` for the losses, ...).
+``load_config(path, overrides)`` builds a ``RunConfig`` and fails at start, naming the field, on an unknown key,
+a wrong type or an impossible value.
+"""
+from __future__ import annotations
+
+import dataclasses
+import sys
+import types
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Optional
+
+import yaml
+
+
+class ConfigError(ValueError):
+    """A configuration problem; the message names the field (``model.lora.rank``) or file."""
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Sub-configs
+
+
+@dataclass
+class LoraConfig:
+    rank: int = 16
+    alpha: int = 32
+    dropout: float = 0.1
+    # Users write either transformers' old names (query/value) or the new ones (q_proj/v_proj); resolved against
+    # the model in hand by loravl.vision.resolve_target_modules.
+    target_modules: list[str] = field(default_factory=lambda: ["query", "value"])
+    # lora | lora_fa (A frozen at its random init, only B trains)
+    variant: str = "lora"
+
+    def validate(self, prefix: str) -> None:
+        _check(self.rank > 0, prefix, "rank", "must be > 0")
+        _check(self.alpha > 0, prefix, "alpha", "must be > 0")
+        _check(0.0 <= self.dropout < 1.0, prefix, "dropout", "must be in [0, 1)")
+        _check(len(self.target_modules) > 0, prefix, "target_modules", "must name at least one module")
+        _check(self.variant in ("lora", "lora_fa"), prefix, "variant", "must be 'lora' or 'lora_fa'")
+
+
+@dataclass
+class VisionConfig:
+    # dinov2 (any Dinov2Model / Dinov2WithRegistersModel checkpoint) or a timm FastViT name such as fastvit_t8
+    backbone: str = "dinov2"
+    # Hub name on a user's machine or a local folder written by save_pretrained.
+    pretrained: str = "facebook/dinov2-base"
+    # Build from the checkpoint's config with random weights instead of loading them (benchmarks, offline runs).
+    random_init: bool = False
+    image_size: int = 224
+    attn_implementation: str = "sdpa"
+    lora: LoraConfig = field(default_factory=LoraConfig)
+
+    def validate(self, prefix: str) -> None:
+        _check(self.image_size > 0, prefix, "image_size", "must be > 0")
+        _check(bool(self.pretrained), prefix, "pretrained", "must name a model")
+        _check(self.attn_implementation in ("sdpa", "eager"), prefix, "attn_implementation",
+               "must be 'sdpa' or 'eager'")
+        self.lora.validate(f"{prefix}.lora")
+
+
+@dataclass
+class CompressorConfig:
+    hidden_dim: int = 384
+    # vision_embed_dim: the width of every image token after compression
+    embed_dim: int = 128
+    dropout: float = 0.1
+
+    def validate(self, prefix: str) -> None:
+        _check(self.hidden_dim > 0, prefix, "hidden_dim", "must be > 0")
+        _check(self.embed_dim > 0, prefix, "embed_dim", "must be > 0")
+        _check(0.0 <= self.dropout < 1.0, prefix, "dropout", "must be in [0, 1)")
+
+
+@dataclass
+class TextConfig:
+    # A local tokenizer folder (HF format). None: train a byte-level BPE on the training captions and save it
+    # with the checkpoints.
+    tokenizer: Optional[str] = None
+    vocab_size: int = 8192
+    max_length: int = 40
+    num_layers: int = 6
+    hidden_size: int = 512
+    num_heads: int = 8
+    dropout: float = 0.1
+
+    def validate(self, prefix: str) -> None:
+        _check(self.vocab_size >= 300, prefix, "vocab_size", "must be >= 300 (byte-level BPE needs 256 + specials)")
+        _check(self.max_length >= 4, prefix, "max_length", "must be >= 4")
+        _check(self.num_layers > 0, prefix, "num_layers", "must be > 0")
+        _check(self.hidden_size > 0 and self.num_heads > 0 and self.hidden_size % self.num_heads == 0, prefix,
+               "hidden_size", "must be a positive multiple of num_heads")
+        _check(0.0 <= self.dropout < 1.0, prefix, "dropout", "must be in [0, 1)")
+
+
+@dataclass
+class FusionConfig:
+    num_layers: int = 2
+    num_heads: int = 8
+    mlp_ratio: float = 4.0
+    dropout: float = 0.0
+
+    def validate(self, prefix: str) -> None:
+        _check(self.num_layers >= 0, prefix, "num_layers", "must be >= 0")
+        _check(self.num_heads > 0, prefix, "num_heads", "must be > 0")
+        _check(self.mlp_ratio > 0, prefix, "mlp_ratio", "must be > 0")
+        _check(0.0 <= self.dropout < 1.0, prefix, "dropout", "must be in [0, 1)")
+
+
+@dataclass
+class LossConfig:
+    # Width of the ITC embedding space both modalities are projected into.
+    embed_dim: int = 256
+    temperature: float = 0.07
+    min_temperature: float = 0.001
+    max_temperature: float = 0.5
+    queue_size: int = 4096
+    momentum: float = 0.995
+    # ALBEF's momentum distillation: the ITC target mixes alpha of the momentum model's similarities.
+    distill_alpha: float = 0.4
+    # batch: hard negatives from the global batch; queue: from the ITC queue (which then keeps tokens and ids)
+    itm_negatives: str = "batch"
+    label_smoothing: float = 0.1
+    itc_weight: float = 1.0
+    itm_weight: float = 1.0
+    lm_weight: float = 1.0
+
+    def validate(self, prefix: str) -> None:
+        _check(self.embed_dim > 0, prefix, "embed_dim", "must be > 0")
+        _check(0 < self.min_temperature <= self.temperature <= self.max_temperature, prefix, "temperature",
+               "must lie in [min_temperature, max_temperature] and be > 0")
+        _check(self.queue_size >= 0, prefix, "queue_size", "must be >= 0")
+        _check(0.0 <= self.momentum < 1.0, prefix, "momentum", "must be in [0, 1)")
+        _check(0.0 <= self.distill_alpha <= 1.0, prefix, "distill_alpha", "must be in [0, 1]")
+        _check(self.itm_negatives in ("batch", "queue"), prefix, "itm_negatives", "must be 'batch' or 'queue'")
+        _check(self.itm_negatives != "queue" or self.queue_size > 0, prefix, "itm_negatives",
+               "'queue' needs queue_size > 0")
+        _check(0.0 <= self.label_smoothing < 1.0, prefix, "label_smoothing", "must be in [0, 1)")
+        for name in ("itc_weight", "itm_weight", "lm_weight"):
+            _check(getattr(self, name) >= 0, prefix, name, "must be >= 0")
+
+
+@dataclass
+class ModelConfig:
+    vision: VisionConfig = field(default_factory=VisionConfig)
+    compressor: CompressorConfig = field(default_factory=CompressorConfig)
+    text: TextConfig = field(default_factory=TextConfig)
+    fusion: FusionConfig = field(default_factory=FusionConfig)
+    loss: LossConfig = field(default_factory=LossConfig)
+
+    def validate(self, prefix: str) -> None:
+        for name in ("vision", "compressor", "text", "fusion", "loss"):
+            getattr(self, name).validate(f"{prefix}.{name}")
+
+
+@dataclass
+class DataConfig:
+    # demo | coco | karpathy | jsonl | csv | hf | webdataset
+    format: str = "demo"
+    # Training data: the annotation file (coco, karpathy), manifest (jsonl, csv), dataset folder or name (hf),
+    # shard pattern (webdataset, e.g. shards/{00000..00099}.tar) or the demo folder.
+    train_path: str = "data/demo"
+    # Validation data in the same format; empty: no validation.
+    val_path: str = ""
+    # Folder that image paths in coco/karpathy annotations are relative to (default: next to the annotation file).
+    image_root: str = ""
+    image_column: str = "image"
+    text_column: str = "caption"
+    hf_split: str = "train"
+    streaming: bool = False
+    num_workers: int = 4
+    prefetch_factor: int = 4
+    # Decompression-bomb guard, in pixels.
+    max_image_pixels: int = 89_478_485
+    min_image_size: int = 2
+    # Stop when more than this fraction of an epoch's samples fail to decode.
+    max_skip_fraction: float = 0.5
+    # Train-time RandomResizedCrop keeps at least this fraction of the image area (1.0: no crop, the whole image).
+    crop_scale_min: float = 0.5
+    # Horizontal flips swap "left of"/"right of" in captions, so they are off unless asked for.
+    hflip: bool = False
+    # Demo data generator
+    demo_train_size: int = 2000
+    demo_val_size: int = 200
+    demo_image_size: int = 64
+    demo_seed: int = 0
+
+    def validate(self, prefix: str) -> None:
+        formats = ("demo", "coco", "karpathy", "jsonl", "csv", "hf", "webdataset")
+        _check(self.format in formats, prefix, "format", f"must be one of {', '.join(formats)}")
+        _check(bool(self.train_path), prefix, "train_path", "must name the training data")
+        _check(self.num_workers >= 0, prefix, "num_workers", "must be >= 0")
+        _check(self.prefetch_factor > 0, prefix, "prefetch_factor", "must be > 0")
+        _check(0.0 < self.max_skip_fraction <= 1.0, prefix, "max_skip_fraction", "must be in (0, 1]")
+        _check(self.max_image_pixels > 0, prefix, "max_image_pixels", "must be > 0")
+        _check(self.min_image_size >= 1, prefix, "min_image_size", "must be >= 1")
+        _check(0.0 < self.crop_scale_min <= 1.0, prefix, "crop_scale_min", "must be in (0, 1]")
+        _check(self.demo_train_size > 0 and self.demo_val_size >= 0, prefix, "demo_train_size",
+               "must be > 0 (and demo_val_size >= 0)")
+        _check(self.demo_image_size >= 16, prefix, "demo_image_size", "must be >= 16")
+
+
+@dataclass
+class TrainConfig:
+    epochs: int = 50
+    # Per process (per GPU).
+    batch_size: int = 64
+    grad_accum_steps: int = 1
+    lr: float = 1e-4
+    lora_lr: float = 2e-4
+    weight_decay: float = 0.05
+    warmup_steps: int = 1000
+    min_lr_ratio: float = 0.01
+    max_grad_norm: float = 1.0
+    # Phase 1 (LoRA frozen) lasts this many epochs; lora_warmup_steps, when set, switches by step instead
+    # (streaming data without epochs).
+    lora_warmup_epochs: int = 5
+    lora_warmup_steps: Optional[int] = None
+    # add_group: LoRA joins the running optimizer as a new param group; recreate: a new optimizer and schedule
+    # that continue from the current step.
+    lora_unfreeze_optimizer: str = "add_group"
+    # Stop after this many optimizer steps (None: run all epochs).
+    max_steps: Optional[int] = None
+    # auto: bf16 where the GPU has it, fp16 on other GPUs, fp32 on CPU
+    mixed_precision: str = "auto"
+    compile: bool = False
+    seed: int = 42
+    log_every: int = 50
+    save_every: int = 1000
+    keep_last: int = 3
+    max_bad_steps: int = 10
+    log_dir: str = "logs/stage1"
+    checkpoint_dir: str = "checkpoints/stage1"
+    export_dir: str = ""
+    merge_lora_on_export: bool = False
+    # latest | a checkpoint folder | empty
+    resume: str = ""
+    # Flags from the original scripts; checked against the launched world size.
+    use_ddp: bool = False
+    num_gpus: Optional[int] = None
+    cpu: bool = False
+
+    def validate(self, prefix: str) -> None:
+        _check(self.epochs > 0, prefix, "epochs", "must be > 0")
+        _check(self.batch_size > 0, prefix, "batch_size", "must be > 0")
+        _check(self.grad_accum_steps > 0, prefix, "grad_accum_steps", "must be > 0")
+        _check(self.lr > 0, prefix, "lr", "must be > 0")
+        _check(self.lora_lr > 0, prefix, "lora_lr", "must be > 0")
+        _check(self.weight_decay >= 0, prefix, "weight_decay", "must be >= 0")
+        _check(self.warmup_steps >= 0, prefix, "warmup_steps", "must be >= 0")
+        _check(0.0 <= self.min_lr_ratio <= 1.0, prefix, "min_lr_ratio", "must be in [0, 1]")
+        _check(self.max_grad_norm >= 0, prefix, "max_grad_norm", "must be >= 0 (0 disables clipping)")
+        _check(self.lora_warmup_epochs >= 0, prefix, "lora_warmup_epochs", "must be >= 0")
+        _check(self.lora_warmup_steps is None or self.lora_warmup_steps >= 0, prefix, "lora_warmup_steps",
+               "must be >= 0")
+        _check(self.lora_unfreeze_optimizer in ("add_group", "recreate"), prefix, "lora_unfreeze_optimizer",
+               "must be 'add_group' or 'recreate'")
+        _check(self.max_steps is None or self.max_steps > 0, prefix, "max_steps", "must be > 0")
+        _check(self.mixed_precision in ("auto", "no", "bf16", "fp16"), prefix, "mixed_precision",
+               "must be auto, no, bf16 or fp16")
+        _check(self.log_every > 0, prefix, "log_every", "must be > 0")
+        _check(self.save_every > 0, prefix, "save_every", "must be > 0")
+        _check(self.keep_last > 0, prefix, "keep_last", "must be > 0")
+        _check(self.max_bad_steps > 0, prefix, "max_bad_steps", "must be > 0")
+        _check(self.num_gpus is None or self.num_gpus > 0, prefix, "num_gpus", "must be > 0")
+
+
+@dataclass
+class RunConfig:
+    model: ModelConfig = field(default_factory=ModelConfig)
+    data: DataConfig = field(default_factory=DataConfig)
+    train: TrainConfig = field(default_factory=TrainConfig)
+
+    def validate(self) -> "RunConfig":
+        self.model.validate("model")
+        self.data.validate("data")
+        self.train.validate("train")
+        return self
+
+    def to_dict(self) -> dict:
+        return dataclasses.asdict(self)
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Building configs from dicts, YAML and the command line
+
+
+def _check(ok: bool, prefix: str, name: str, message: str) -> None:
+    if not ok:
+        raise ConfigError(f"{prefix}.{name} {message}")
+
+
+def _is_dataclass_type(tp: Any) -> bool:
+    return isinstance(tp, type) and dataclasses.is_dataclass(tp)
+
+
+def _coerce(value: Any, tp: Any, where: str) -> Any:
+    """Check ``value`` against the annotation ``tp``; convert only where no information is lost (int -> float)."""
+    origin = typing.get_origin(tp)
+    if origin in (typing.Union, types.UnionType):
+        args = typing.get_args(tp)
+        if value is None and type(None) in args:
+            return None
+        errors = []
+        for arg in args:
+            if arg is type(None):
+                continue
+            try:
+                return _coerce(value, arg, where)
+            except ConfigError as e:
+                errors.append(str(e))
+        raise ConfigError(errors[0] if errors else f"{where}: bad value {value!r}")
+    if origin is list:
+        (item_tp,) = typing.get_args(tp)
+        if isinstance(value, str):  # a comma-separated CLI value
+            value = [v.strip() for v in value.split(",") if v.strip()]
+        if not isinstance(value, (list, tuple)):
+            raise ConfigError(f"{where} must be a list, got {value!r}")
+        return [_coerce(v, item_tp, f"{where}[{i}]") for i, v in enumerate(value)]
+    if _is_dataclass_type(tp):
+        if not isinstance(value, dict):
+            raise ConfigError(f"{where} must be a mapping, got {value!r}")
+        return _from_dict(tp, value, where)
+    if tp is bool:
+        if isinstance(value, bool):
+            return value
+        if isinstance(value, str) and value.lower() in ("true", "false", "1", "0", "yes", "no"):
+            return value.lower() in ("true", "1", "yes")
+        raise ConfigError(f"{where} must be true or false, got {value!r}")
+    if tp is int:
+        if isinstance(value, int) and not isinstance(value, bool):
+            return value
+        if isinstance(value, float) and value.is_integer():
+            return int(value)
+        raise ConfigError(f"{where} must be an integer, got {value!r}")
+    if tp is float:
+        if isinstance(value, (int, float)) and not isinstance(value, bool):
+            return float(value)
+        if isinstance(value, str):
+            try:
+                return float(value)
+            except ValueError:
+                pass
+        raise ConfigError(f"{where} must be a number, got {value!r}")
+    if tp is str:
+        if isinstance(value, str):
+            return value
+        if isinstance(value, (int, float)) and not isinstance(value, bool):
+            return str(value)
+        raise ConfigError(f"{where} must be a string, got {value!r}")
+    raise ConfigError(f"{where}: unsupported type {tp}")
+
+
+def _from_dict(cls: type, data: dict, where: str = "") -> Any:
+    hints = typing.get_type_hints(cls)
+    names = {f.name for f in dataclasses.fields(cls)}
+    kwargs = {}
+    for key, value in data.items():
+        path = f"{where}.{key}" if where else str(key)
+        if key not in names:
+            raise ConfigError(f"unknown config key {path!r} (known keys here: {', '.join(sorted(names))})")
+        kwargs[key] = _coerce(value, hints[key], path)
+    return cls(**kwargs)
+
+
+def leaf_paths(cls: type = RunConfig, prefix: str = "") -> dict[str, Any]:
+    """Every leaf field as ``{"model.lora.rank": annotation}``."""
+    out: dict[str, Any] = {}
+    hints = typing.get_type_hints(cls)
+    for f in dataclasses.fields(cls):
+        path = f"{prefix}{f.name}"
+        if _is_dataclass_type(hints[f.name]):
+            out.update(leaf_paths(hints[f.name], path + "."))
+        else:
+            out[path] = hints[f.name]
+    return out
+
+
+def _resolve_key(key: str) -> str:
+    """``model.lora.rank`` stays; a flat ``batch_size`` becomes ``train.batch_size`` when the leaf name is unique."""
+    paths = leaf_paths()
+    if key in paths:
+        return key
+    matches = [p for p in paths if p.split(".")[-1] == key or p.endswith("." + key)]
+    if len(matches) == 1:
+        return matches[0]
+    if not matches:
+        raise ConfigError(f"unknown config option --{key}")
+    raise ConfigError(f"ambiguous option --{key}: write one of " + ", ".join("--" + m for m in matches))
+
+
+def _set_path(tree: dict, dotted: str, value: Any) -> None:
+    parts = dotted.split(".")
+    node = tree
+    for p in parts[:-1]:
+        child = node.get(p)
+        if not isinstance(child, dict):
+            child = {}
+            node[p] = child
+        node = child
+    node[parts[-1]] = value
+
+
+def parse_overrides(args: list[str]) -> dict:
+    """``["--model.lora.rank", "32", "--batch_size=64"]`` -> a nested dict. Values are read as YAML scalars."""
+    tree: dict = {}
+    i = 0
+    while i < len(args):
+        arg = args[i]
+        if not arg.startswith("--"):
+            raise ConfigError(f"unexpected argument {arg!r}: options are written --name value")
+        if "=" in arg:
+            key, raw = arg[2:].split("=", 1)
+            i += 1
+        else:
+            key = arg[2:]
+            if i + 1 >= len(args) or args[i + 1].startswith("--"):
+                raw = "true"  # a bare flag: --do_sample
+                i += 1
+            else:
+                raw = args[i + 1]
+                i += 2
+        path = _resolve_key(key)
+        try:
+            value = yaml.safe_load(raw)
+        except yaml.YAMLError:
+            value = raw
+        annotation = leaf_paths()[path]
+        # Keep strings as typed where a string is wanted ("001" stays "001").
+        if annotation is str or annotation == Optional[str]:
+            value = raw if raw.lower() not in ("null", "none") else None
+        _set_path(tree, path, value)
+    return tree
+
+
+def _merge(base: dict, update: dict) -> dict:
+    out = dict(base)
+    for k, v in update.items():
+        if isinstance(v, dict) and isinstance(out.get(k), dict):
+            out[k] = _merge(out[k], v)
+        else:
+            out[k] = v
+    return out
+
+
+def load_config(path: Optional[str | Path] = None, overrides: Optional[list[str]] = None) -> RunConfig:
+    """Defaults, then the YAML file at ``path`` (if any), then the command-line overrides; validated."""
+    tree: dict = {}
+    if path is not None:
+        path = Path(path)
+        if not path.is_file():
+            raise ConfigError(f"config file not found: {path}")
+        try:
+            loaded = yaml.safe_load(path.read_text()) or {}
+        except yaml.YAMLError as e:
+            raise ConfigError(f"{path}: not valid YAML: {e}") from e
+        if not isinstance(loaded, dict):
+            raise ConfigError(f"{path}: the top level must be a mapping")
+        tree = loaded
+    if overrides:
+        tree = _merge(tree, parse_overrides(overrides))
+    try:
+        return _from_dict(RunConfig, tree).validate()
+    except ConfigError as e:
+        where = f"{path}: " if path is not None else ""
+        raise ConfigError(f"{where}{e}") from None
+
+
+def config_from_dict(tree: dict) -> RunConfig:
+    return _from_dict(RunConfig, tree).validate()
+
+
+def save_config(cfg: RunConfig, path: str | Path) -> None:
+    Path(path).write_text(yaml.safe_dump(cfg.to_dict(), sort_keys=False))
+
+
+def split_config_arg(argv: list[str]) -> tuple[Optional[str], list[str]]:
+    """Pull ``--config PATH`` out of argv; the rest are overrides."""
+    argv = list(argv)
+    path = None
+    for i, a in enumerate(argv):
+        if a == "--config":
+            if i + 1 >= len(argv):
+                raise ConfigError("--config needs a path")
+            path = argv[i + 1]
+            del argv[i : i + 2]
+            break
+        if a.startswith("--config="):
+            path = a.split("=", 1)[1]
+            del argv[i]
+            break
+    return path, argv
+
+
+def main_config(argv: Optional[list[str]] = None, default_path: Optional[str] = None) -> RunConfig:
+    """What an entry script calls: ``--config`` (or ``default_path``) plus overrides; exits with the message."""
+    argv = sys.argv[1:] if argv is None else argv
+    try:
+        path, rest = split_config_arg(argv)
+        return load_config(path or default_path, rest)
+    except ConfigError as e:
+        print(f"config error: {e}", file=sys.stderr)
+        raise SystemExit(2)

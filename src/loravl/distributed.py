@@ -1,0 +1,67 @@
+"""The few collective operations the losses need; each is the identity in a single process.
+
+Batches may differ in size across ranks (the loader drops undecodable samples), so gathers pad to the largest
+batch and strip the padding again.
+"""
+from __future__ import annotations
+
+import torch
+import torch.distributed as dist
+import torch.distributed.nn.functional as dist_fn
+
+
+def is_distributed() -> bool:
+    return dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1
+
+
+def world_size() -> int:
+    return dist.get_world_size() if is_distributed() else 1
+
+
+def rank() -> int:
+    return dist.get_rank() if is_distributed() else 0
+
+
+def _batch_sizes(n: int, device: torch.device) -> list[int]:
+    size = torch.tensor([n], device=device, dtype=torch.long)
+    sizes = [torch.zeros_like(size) for _ in range(world_size())]
+    dist.all_gather(sizes, size)
+    return [int(s.item()) for s in sizes]
+
+
+def _pad_to(t: torch.Tensor, n: int) -> torch.Tensor:
+    if t.shape[0] == n:
+        return t
+    pad = t.new_zeros((n - t.shape[0], *t.shape[1:]))
+    return torch.cat([t, pad], dim=0)
+
+
+def gather_batch_sizes(n: int, device: torch.device) -> list[int]:
+    """Every rank's batch size, in rank order."""
+    return _batch_sizes(n, device) if is_distributed() else [n]
+
+
+@torch.no_grad()
+def gather_no_grad(t: torch.Tensor, sizes: list[int] | None = None) -> torch.Tensor:
+    """Concatenate ``t`` from all ranks along dim 0 (rank order), without autograd."""
+    if not is_distributed():
+        return t
+    sizes = sizes or _batch_sizes(t.shape[0], t.device)
+    padded = _pad_to(t.contiguous(), max(sizes))
+    parts = [torch.empty_like(padded) for _ in sizes]
+    dist.all_gather(parts, padded)
+    return torch.cat([p[:s] for p, s in zip(parts, sizes)], dim=0)
+
+
+def gather_with_grad(t: torch.Tensor, sizes: list[int] | None = None) -> torch.Tensor:
+    """As ``gather_no_grad``, but gradients flow back to the rank that produced each row."""
+    if not is_distributed():
+        return t
+    sizes = sizes or _batch_sizes(t.shape[0], t.device)
+    parts = dist_fn.all_gather(_pad_to(t.contiguous(), max(sizes)))
+    return torch.cat([p[:s] for p, s in zip(parts, sizes)], dim=0)
+
+
+def rank_offset(sizes: list[int]) -> int:
+    """Where this rank's rows start in a gathered tensor."""
+    return sum(sizes[: rank()])

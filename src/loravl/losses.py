@@ -1,0 +1,131 @@
+"""The three stage-1 losses and the ITC feature queue.
+
+- ITC: in-batch plus queued negatives (ALBEF/MoCo), positives by image id, momentum distillation.
+- ITM: one hard negative per image and per text, sampled by similarity with every positive at probability 0.
+- LM: captioning cross-entropy with label smoothing.
+"""
+from __future__ import annotations
+
+from typing import Optional
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+
+class FeatureQueue(nn.Module):
+    """A ring buffer of momentum features (and their image ids) shared by all ranks.
+
+    Every rank enqueues the same gathered batch, so the queues stay identical without broadcasting. Slots not yet
+    written are tracked by ``filled`` and never used as negatives. With ``keep_fusion_inputs`` the queue also keeps
+    what fusion needs of each entry (image tokens, text ids and mask) for ITM negatives drawn from the queue.
+    """
+
+    def __init__(self, size: int, embed_dim: int, keep_fusion_inputs: bool = False,
+                 image_tokens_shape: Optional[tuple[int, int]] = None, text_length: Optional[int] = None):
+        super().__init__()
+        self.size = size
+        self.register_buffer("image_feats", torch.zeros(size, embed_dim))
+        self.register_buffer("text_feats", torch.zeros(size, embed_dim))
+        self.register_buffer("image_ids", torch.full((size,), -1, dtype=torch.long))
+        self.register_buffer("ptr", torch.zeros((), dtype=torch.long))
+        self.register_buffer("filled", torch.zeros((), dtype=torch.long))
+        self.keep_fusion_inputs = keep_fusion_inputs
+        if keep_fusion_inputs:
+            assert image_tokens_shape is not None and text_length is not None
+            self.register_buffer("image_tokens", torch.zeros(size, *image_tokens_shape))
+            self.register_buffer("text_ids", torch.zeros(size, text_length, dtype=torch.long))
+            self.register_buffer("text_mask", torch.zeros(size, text_length, dtype=torch.long))
+
+    def valid(self) -> slice:
+        return slice(0, int(self.filled))
+
+    @torch.no_grad()
+    def enqueue(self, image_feats: torch.Tensor, text_feats: torch.Tensor, image_ids: torch.Tensor,
+                image_tokens: Optional[torch.Tensor] = None, text_ids: Optional[torch.Tensor] = None,
+                text_mask: Optional[torch.Tensor] = None) -> None:
+        n = image_feats.shape[0]
+        if n == 0 or self.size == 0:
+            return
+        if n > self.size:  # keep only the newest entries
+            image_feats, text_feats, image_ids = image_feats[-self.size:], text_feats[-self.size:], image_ids[-self.size:]
+            if self.keep_fusion_inputs:
+                image_tokens, text_ids, text_mask = image_tokens[-self.size:], text_ids[-self.size:], text_mask[-self.size:]
+            n = self.size
+        slots = (self.ptr + torch.arange(n, device=self.ptr.device)) % self.size  # wraps around
+        self.image_feats[slots] = image_feats.to(self.image_feats.dtype)
+        self.text_feats[slots] = text_feats.to(self.text_feats.dtype)
+        self.image_ids[slots] = image_ids
+        if self.keep_fusion_inputs:
+            self.image_tokens[slots] = image_tokens.to(self.image_tokens.dtype)
+            self.text_ids[slots] = text_ids
+            self.text_mask[slots] = text_mask
+        self.ptr.copy_((self.ptr + n) % self.size)
+        self.filled.copy_(torch.clamp(self.filled + n, max=self.size))
+
+
+def itc_loss(image_feat: torch.Tensor, text_feat: torch.Tensor,
+             image_feat_all: torch.Tensor, text_feat_all: torch.Tensor,
+             image_ids: torch.Tensor, image_ids_all: torch.Tensor, temperature: torch.Tensor,
+             distill_alpha: float = 0.0,
+             image_feat_m: Optional[torch.Tensor] = None, text_feat_m: Optional[torch.Tensor] = None) -> torch.Tensor:
+    """Image-text contrastive loss (ALBEF).
+
+    ``image_feat``/``text_feat``: this rank's L2-normalised online features [B, E]. ``*_all``: the candidates, i.e.
+    the momentum features of the global batch followed by the queue [N, E], with their image ids. Every candidate
+    with the same image id is a positive (several captions of one image). With ``distill_alpha`` > 0 the target
+    mixes in the momentum model's own similarity distribution.
+    """
+    positives = (image_ids[:, None] == image_ids_all[None, :]).float()
+    targets = positives / positives.sum(dim=1, keepdim=True).clamp(min=1)
+    sim_i2t = image_feat @ text_feat_all.t() / temperature
+    sim_t2i = text_feat @ image_feat_all.t() / temperature
+    i2t_targets, t2i_targets = targets, targets
+    if distill_alpha > 0:
+        with torch.no_grad():
+            i2t_m = F.softmax(image_feat_m @ text_feat_all.t() / temperature, dim=1)
+            t2i_m = F.softmax(text_feat_m @ image_feat_all.t() / temperature, dim=1)
+            i2t_targets = distill_alpha * i2t_m + (1 - distill_alpha) * targets
+            t2i_targets = distill_alpha * t2i_m + (1 - distill_alpha) * targets
+    loss_i2t = -(F.log_softmax(sim_i2t.float(), dim=1) * i2t_targets).sum(dim=1).mean()
+    loss_t2i = -(F.log_softmax(sim_t2i.float(), dim=1) * t2i_targets).sum(dim=1).mean()
+    return (loss_i2t + loss_t2i) / 2
+
+
+@torch.no_grad()
+def hard_negative_weights(similarity: torch.Tensor, positive_mask: torch.Tensor) -> torch.Tensor:
+    """Sampling weights ∝ softmax(similarity), computed in fp32 (fp16 overflows), positives at exactly 0."""
+    weights = F.softmax(similarity.float(), dim=1)
+    weights = torch.nan_to_num(weights, nan=0.0, posinf=0.0, neginf=0.0)
+    return weights.masked_fill(positive_mask, 0.0)
+
+
+@torch.no_grad()
+def sample_hard_negatives(weights: torch.Tensor, positive_mask: torch.Tensor,
+                          generator: Optional[torch.Generator] = None) -> tuple[torch.Tensor, torch.Tensor]:
+    """One candidate index per row, drawn ∝ ``weights``; never a positive.
+
+    ``torch.multinomial`` rejects rows whose weights are all zero or non-finite (every candidate a caption of the
+    same image, a batch of one, overflow). A row whose weights vanish but which has non-positive candidates falls
+    back to uniform over them; a row with no non-positive candidate at all gets no negative: ``has_negative`` is
+    False there and its index is -1.
+    """
+    weights = torch.nan_to_num(weights.float(), nan=0.0, posinf=0.0, neginf=0.0).clamp(min=0.0)
+    weights = weights.masked_fill(positive_mask, 0.0)
+    candidates = ~positive_mask
+    has_negative = candidates.any(dim=1)
+    degenerate = has_negative & ~(weights.sum(dim=1) > 0)
+    weights = torch.where(degenerate[:, None], candidates.float(), weights)
+    index = torch.full((weights.shape[0],), -1, dtype=torch.long, device=weights.device)
+    if has_negative.any():
+        drawn = torch.multinomial(weights[has_negative], 1, generator=generator).squeeze(1)
+        index[has_negative] = drawn
+    return index, has_negative
+
+
+def lm_loss(logits: torch.Tensor, input_ids: torch.Tensor, attention_mask: torch.Tensor,
+            label_smoothing: float) -> torch.Tensor:
+    """Next-token cross-entropy over the caption (after <bos>, through <eos>); padding ignored."""
+    labels = input_ids[:, 1:].masked_fill(attention_mask[:, 1:] == 0, -100)
+    return F.cross_entropy(logits[:, :-1].reshape(-1, logits.shape[-1]).float(), labels.reshape(-1),
+                           ignore_index=-100, label_smoothing=label_smoothing)

@@ -1,0 +1,247 @@
+"""The stage-1 vision-language model: LoRA-adapted DINOv2, token compressor, text model, fusion and three losses.
+
+Data path (default sizes, batch B, T = 1 + 256 tokens at 224 px, L caption tokens):
+  pixel_values [B,3,224,224] -> VisionEncoder [B,T,768] -> TokenCompressor [B,T,128] = image_tokens
+  input_ids [B,L] -> GPT-2 body without cross-attention [B,L,512] = text_states (unimodal)
+  ITC: image_tokens[:,0] -> vision_proj, text_states[<eos>] -> text_proj, both [B,256], L2-normalised
+  ITM: FusionEncoder(image_tokens, text_states) -> fused text state at <eos> -> itm_head [.,2]
+  LM:  GPT-2 with cross-attention to image_to_text(image_tokens) [B,T,512] -> logits [B,L,V]
+
+Single-device code: the only cross-rank steps are the gathers in loravl.distributed, identities in one process.
+"""
+from __future__ import annotations
+
+import copy
+from typing import Optional
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from . import distributed as D
+from .compressor import TokenCompressor
+from .config import ModelConfig
+from .fusion import FusionEncoder
+from .losses import FeatureQueue, hard_negative_weights, itc_loss, lm_loss, sample_hard_negatives
+from .text import CaptionTokenizer, build_text_model, encode_text, gather_eos
+from .vision import VisionEncoder, num_image_tokens
+
+
+class VisionLanguageModel(nn.Module):
+    def __init__(self, cfg: ModelConfig, tokenizer: CaptionTokenizer):
+        super().__init__()
+        self.cfg = cfg
+        self.tokenizer = tokenizer
+        image_dim, text_dim, embed_dim = cfg.compressor.embed_dim, cfg.text.hidden_size, cfg.loss.embed_dim
+
+        self.vision = VisionEncoder(cfg.vision)
+        self.compressor = TokenCompressor(self.vision.hidden_size, cfg.compressor)
+        self.text = build_text_model(cfg.text, tokenizer)
+        self.image_to_text = nn.Linear(image_dim, text_dim)  # image tokens as the captioner's cross-attention input
+        self.fusion = FusionEncoder(image_dim, text_dim, cfg.fusion)
+        self.vision_proj = nn.Linear(image_dim, embed_dim)
+        self.text_proj = nn.Linear(text_dim, embed_dim)
+        self.itm_head = nn.Linear(text_dim, 2)
+        self.temperature = nn.Parameter(torch.tensor(cfg.loss.temperature))
+
+        # Momentum (EMA) copies of the trainable embedding path. The encoder is not copied: its output is shared,
+        # detached (an EMA encoder would cost a second encoder forward every step).
+        self.compressor_m = copy.deepcopy(self.compressor)
+        self.vision_proj_m = copy.deepcopy(self.vision_proj)
+        self.text_m = copy.deepcopy(self.text.transformer)
+        self.text_proj_m = copy.deepcopy(self.text_proj)
+        for online, momentum in self._momentum_pairs():
+            momentum.requires_grad_(False)
+            momentum.eval()
+
+        keep_fusion_inputs = cfg.loss.itm_negatives == "queue"
+        self.queue = FeatureQueue(
+            cfg.loss.queue_size, embed_dim, keep_fusion_inputs=keep_fusion_inputs,
+            image_tokens_shape=(num_image_tokens(self.vision, cfg.vision.image_size), image_dim),
+            text_length=cfg.text.max_length,
+        )
+
+    # -- parameters and phases ----------------------------------------------------------------------------------
+
+    def _momentum_pairs(self) -> list[tuple[nn.Module, nn.Module]]:
+        return [(self.compressor, self.compressor_m), (self.vision_proj, self.vision_proj_m),
+                (self.text.transformer, self.text_m), (self.text_proj, self.text_proj_m)]
+
+    def lora_parameters(self) -> list[tuple[str, nn.Parameter]]:
+        return [(f"vision.{n}", p) for n, p in self.vision.lora_parameters()]
+
+    def set_lora_trainable(self, trainable: bool) -> None:
+        self.vision.set_lora_trainable(trainable)
+
+    def trainable_parameters(self) -> list[tuple[str, nn.Parameter]]:
+        return [(n, p) for n, p in self.named_parameters() if p.requires_grad]
+
+    def train(self, mode: bool = True) -> "VisionLanguageModel":
+        super().train(mode)
+        for _, momentum in self._momentum_pairs():
+            momentum.eval()  # momentum targets without dropout noise
+        return self
+
+    @torch.no_grad()
+    def momentum_update(self) -> None:
+        m = self.cfg.loss.momentum
+        online = [p for o, _ in self._momentum_pairs() for p in o.parameters()]
+        momentum = [p for _, mm in self._momentum_pairs() for p in mm.parameters()]
+        torch._foreach_lerp_(momentum, online, 1.0 - m)
+
+    def clamped_temperature(self) -> torch.Tensor:
+        return self.temperature.clamp(self.cfg.loss.min_temperature, self.cfg.loss.max_temperature)
+
+    # -- encoders -----------------------------------------------------------------------------------------------
+
+    def encode_image(self, pixel_values: torch.Tensor) -> dict[str, torch.Tensor]:
+        encoder_tokens = self.vision(pixel_values)
+        image_tokens = self.compressor(encoder_tokens)
+        image_feat = F.normalize(self.vision_proj(image_tokens[:, 0]), dim=-1)
+        return {"encoder_tokens": encoder_tokens, "image_tokens": image_tokens, "image_feat": image_feat}
+
+    def encode_text(self, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> dict[str, torch.Tensor]:
+        text_states = encode_text(self.text.transformer, input_ids, attention_mask)
+        text_feat = F.normalize(self.text_proj(gather_eos(text_states, attention_mask)), dim=-1)
+        return {"text_states": text_states, "text_feat": text_feat}
+
+    def itm_logits(self, image_tokens: torch.Tensor, text_states: torch.Tensor,
+                   attention_mask: torch.Tensor) -> torch.Tensor:
+        fused = self.fusion(image_tokens, text_states, attention_mask)["text_states"]
+        return self.itm_head(gather_eos(fused, attention_mask))
+
+    def caption_logits(self, image_tokens: torch.Tensor, input_ids: torch.Tensor,
+                       attention_mask: torch.Tensor) -> torch.Tensor:
+        return self.text(input_ids=input_ids, attention_mask=attention_mask,
+                         encoder_hidden_states=self.image_to_text(image_tokens)).logits
+
+    @torch.no_grad()
+    def generate(self, pixel_values: torch.Tensor, max_new_tokens: int = 30, **generate_kwargs) -> list[str]:
+        """Captions through transformers' ``generate()`` (greedy, beam search or sampling by its arguments)."""
+        image_tokens = self.encode_image(pixel_values)["image_tokens"]
+        bos = torch.full((pixel_values.shape[0], 1), self.tokenizer.bos_id, dtype=torch.long,
+                         device=pixel_values.device)
+        max_new_tokens = min(max_new_tokens, self.cfg.text.max_length - 1)
+        ids = self.text.generate(input_ids=bos, attention_mask=torch.ones_like(bos),
+                                 encoder_hidden_states=self.image_to_text(image_tokens),
+                                 max_new_tokens=max_new_tokens, eos_token_id=self.tokenizer.eos_id,
+                                 pad_token_id=self.tokenizer.pad_id, **generate_kwargs)
+        return self.tokenizer.decode(ids)
+
+    # -- training forward ---------------------------------------------------------------------------------------
+
+    def forward(self, pixel_values: torch.Tensor, input_ids: torch.Tensor, attention_mask: torch.Tensor,
+                image_ids: torch.Tensor) -> dict[str, torch.Tensor]:
+        """All three losses and their weighted sum (``loss``); also updates the momentum copies and the queue."""
+        w = self.cfg.loss
+        image = self.encode_image(pixel_values)
+        text = self.encode_text(input_ids, attention_mask)
+        temperature = self.clamped_temperature()
+        sizes = D.gather_batch_sizes(pixel_values.shape[0], pixel_values.device)
+
+        with torch.no_grad():
+            if self.training:
+                self.momentum_update()
+            image_tokens_m = self.compressor_m(image["encoder_tokens"].detach())
+            image_feat_m = F.normalize(self.vision_proj_m(image_tokens_m[:, 0]), dim=-1)
+            text_feat_m = F.normalize(
+                self.text_proj_m(gather_eos(encode_text(self.text_m, input_ids, attention_mask), attention_mask)),
+                dim=-1)
+            image_feat_m_global = D.gather_no_grad(image_feat_m, sizes)
+            text_feat_m_global = D.gather_no_grad(text_feat_m, sizes)
+            image_ids_global = D.gather_no_grad(image_ids, sizes)
+            q = self.queue.valid()
+            image_feat_all = torch.cat([image_feat_m_global, self.queue.image_feats[q].to(image_feat_m.dtype)])
+            text_feat_all = torch.cat([text_feat_m_global, self.queue.text_feats[q].to(text_feat_m.dtype)])
+            image_ids_all = torch.cat([image_ids_global, self.queue.image_ids[q]])
+
+        loss_itc = itc_loss(image["image_feat"], text["text_feat"], image_feat_all, text_feat_all,
+                            image_ids, image_ids_all, temperature, w.distill_alpha, image_feat_m, text_feat_m)
+
+        if w.itm_negatives == "queue":
+            itm = self._itm_queue_negatives(image, text, attention_mask, image_ids, temperature)
+        else:
+            itm = self._itm_batch_negatives(image, text, attention_mask, image_ids, temperature, sizes)
+
+        logits = self.caption_logits(image["image_tokens"], input_ids, attention_mask)
+        loss_lm = lm_loss(logits, input_ids, attention_mask, w.label_smoothing)
+
+        if self.training:
+            extra = {}
+            if self.queue.keep_fusion_inputs:
+                extra = dict(image_tokens=D.gather_no_grad(image_tokens_m, sizes),
+                             text_ids=D.gather_no_grad(input_ids, sizes),
+                             text_mask=D.gather_no_grad(attention_mask, sizes))
+            self.queue.enqueue(image_feat_m_global, text_feat_m_global, image_ids_global, **extra)
+
+        loss = w.itc_weight * loss_itc + w.itm_weight * itm["loss_itm"] + w.lm_weight * loss_lm
+        return {"loss": loss, "loss_itc": loss_itc, "loss_itm": itm["loss_itm"], "loss_lm": loss_lm,
+                "itm_accuracy": itm["itm_accuracy"], "temperature": temperature.detach()}
+
+    def _itm_loss(self, image_tokens: torch.Tensor, text_states: torch.Tensor, mask: torch.Tensor,
+                  num_positive: int) -> dict[str, torch.Tensor]:
+        logits = self.itm_logits(image_tokens, text_states, mask)
+        labels = torch.zeros(logits.shape[0], dtype=torch.long, device=logits.device)
+        labels[:num_positive] = 1
+        loss = F.cross_entropy(logits.float(), labels)
+        accuracy = (logits.argmax(dim=1) == labels).float().mean().detach()
+        return {"loss_itm": loss, "itm_accuracy": accuracy}
+
+    def _itm_batch_negatives(self, image: dict, text: dict, mask: torch.Tensor, image_ids: torch.Tensor,
+                             temperature: torch.Tensor, sizes: list[int]) -> dict[str, torch.Tensor]:
+        """For each image one hard negative text, for each text one hard negative image, from the global batch."""
+        image_tokens, text_states = image["image_tokens"], text["text_states"]
+        image_tokens_global = D.gather_with_grad(image_tokens, sizes)
+        text_states_global = D.gather_with_grad(text_states, sizes)
+        with torch.no_grad():
+            mask_global = D.gather_no_grad(mask, sizes)
+            image_ids_global = D.gather_no_grad(image_ids, sizes)
+            image_feat_global = D.gather_no_grad(image["image_feat"], sizes)
+            text_feat_global = D.gather_no_grad(text["text_feat"], sizes)
+            positive = image_ids[:, None] == image_ids_global[None, :]
+            weights_i2t = hard_negative_weights(image["image_feat"] @ text_feat_global.t() / temperature, positive)
+            weights_t2i = hard_negative_weights(text["text_feat"] @ image_feat_global.t() / temperature, positive)
+            hard_negative_texts, has_text = sample_hard_negatives(weights_i2t, positive)
+            hard_negative_images, has_image = sample_hard_negatives(weights_t2i, positive)
+            hard_negative_texts, hard_negative_images = hard_negative_texts[has_text], hard_negative_images[has_image]
+
+        pair_images = torch.cat([image_tokens, image_tokens[has_text], image_tokens_global[hard_negative_images]])
+        pair_texts = torch.cat([text_states, text_states_global[hard_negative_texts], text_states[has_image]])
+        pair_masks = torch.cat([mask, mask_global[hard_negative_texts], mask[has_image]])
+        return self._itm_loss(pair_images, pair_texts, pair_masks, image_tokens.shape[0])
+
+    def _itm_queue_negatives(self, image: dict, text: dict, mask: torch.Tensor, image_ids: torch.Tensor,
+                             temperature: torch.Tensor) -> dict[str, torch.Tensor]:
+        """As above, but the negatives come from the queue: its image tokens, and its texts re-encoded."""
+        q = self.queue.valid()
+        with torch.no_grad():
+            positive = image_ids[:, None] == self.queue.image_ids[q][None, :]
+            text_feats = self.queue.text_feats[q].to(text["text_feat"].dtype)
+            image_feats = self.queue.image_feats[q].to(image["image_feat"].dtype)
+            weights_i2t = hard_negative_weights(image["image_feat"] @ text_feats.t() / temperature, positive)
+            weights_t2i = hard_negative_weights(text["text_feat"] @ image_feats.t() / temperature, positive)
+            hard_negative_texts, has_text = sample_hard_negatives(weights_i2t, positive)
+            hard_negative_images, has_image = sample_hard_negatives(weights_t2i, positive)
+            hard_negative_texts, hard_negative_images = hard_negative_texts[has_text], hard_negative_images[has_image]
+            negative_ids = self.queue.text_ids[hard_negative_texts]
+            negative_mask = self.queue.text_mask[hard_negative_texts]
+            negative_image_tokens = self.queue.image_tokens[hard_negative_images].to(image["image_tokens"].dtype)
+        negative_text_states = encode_text(self.text.transformer, negative_ids, negative_mask)
+
+        pair_images = torch.cat([image["image_tokens"], image["image_tokens"][has_text], negative_image_tokens])
+        pair_texts = torch.cat([text["text_states"], negative_text_states, text["text_states"][has_image]])
+        pair_masks = torch.cat([mask, negative_mask, mask[has_image]])
+        return self._itm_loss(pair_images, pair_texts, pair_masks, image["image_tokens"].shape[0])
+
+    # -- checkpoint contents ------------------------------------------------------------------------------------
+
+    def checkpoint_state_dict(self) -> dict[str, torch.Tensor]:
+        """Everything but the frozen pretrained encoder weights (reloaded from ``vision.pretrained``).
+
+        LoRA A and B are always kept, frozen or not (A is random at init). A randomly initialised encoder has no
+        file to come back from, so it is kept whole.
+        """
+        state = self.state_dict()
+        if self.cfg.vision.random_init:
+            return state
+        return {k: v for k, v in state.items() if not (k.startswith("vision.") and "lora_" not in k)}

@@ -1,0 +1,172 @@
+"""The vision encoder: a frozen DINOv2 from transformers with LoRA adapters from PEFT.
+
+``VisionEncoder(cfg)`` loads the backbone (a hub name on a user's machine, a local folder anywhere), freezes every
+base weight, injects LoRA into the resolved target modules and returns every token (CLS, registers, patches) of the
+last layer. LoRA starts frozen too: the trainer unfreezes it at the phase switch (``set_lora_trainable``).
+"""
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass
+
+import torch
+from peft import LoraConfig as PeftLoraConfig
+from peft import get_peft_model
+from torch import nn
+from transformers import AutoConfig, AutoModel
+
+from .config import ConfigError, LoraConfig, VisionConfig
+
+logger = logging.getLogger(__name__)
+
+DINOV2_MODEL_TYPES = ("dinov2", "dinov2_with_registers")
+
+# transformers renamed DINOv2's projections (query/key/value/dense up to 5.17, q_proj/k_proj/v_proj/o_proj from
+# 5.23); a user may write either. Each group lists the names of one projection.
+MODULE_NAME_ALIASES: tuple[tuple[str, ...], ...] = (
+    ("query", "q_proj"),
+    ("key", "k_proj"),
+    ("value", "v_proj"),
+    ("dense", "o_proj", "out_proj"),
+    ("fc1",),
+    ("fc2",),
+)
+ATTENTION_NAMES = {"query", "q_proj", "key", "k_proj", "value", "v_proj", "dense", "o_proj", "out_proj"}
+
+
+def _adaptable_leaf_names(model: nn.Module) -> set[str]:
+    return {name.rsplit(".", 1)[-1] for name, m in model.named_modules() if isinstance(m, (nn.Linear, nn.Conv2d))}
+
+
+def resolve_target_modules(model: nn.Module, requested: list[str]) -> list[str]:
+    """Map the user's module names onto the names this model (this transformers release) actually uses."""
+    available = _adaptable_leaf_names(model)
+    resolved: list[str] = []
+    for name in requested:
+        if name in available:
+            candidates = [name]
+        else:
+            group = next((g for g in MODULE_NAME_ALIASES if name in g), (name,))
+            candidates = [alias for alias in group if alias in available]
+        if not candidates:
+            raise ConfigError(
+                f"model.vision.lora.target_modules: {name!r} matches no Linear/Conv2d layer of "
+                f"{type(model).__name__}; its layer names are: {', '.join(sorted(available))}"
+            )
+        for c in candidates:
+            if c not in resolved:
+                resolved.append(c)
+    return resolved
+
+
+def peft_lora_config(lora: LoraConfig, target_modules: list[str]) -> PeftLoraConfig:
+    return PeftLoraConfig(
+        r=lora.rank,
+        lora_alpha=lora.alpha,
+        lora_dropout=lora.dropout,
+        target_modules=target_modules,
+        bias="none",
+    )
+
+
+@dataclass
+class InjectionSummary:
+    adapted_modules: list[str]
+    counts_by_kind: dict[str, int]
+    rank: int
+    alpha: int
+    trainable_params: int
+    total_params: int
+
+    @property
+    def trainable_percent(self) -> float:
+        return 100.0 * self.trainable_params / max(self.total_params, 1)
+
+    def format(self, max_listed: int = 8) -> str:
+        kinds = ", ".join(f"{k}: {v}" for k, v in sorted(self.counts_by_kind.items()))
+        listed = self.adapted_modules[:max_listed]
+        more = len(self.adapted_modules) - len(listed)
+        lines = [
+            f"LoRA injected into {len(self.adapted_modules)} modules ({kinds}), rank={self.rank}, alpha={self.alpha}",
+            *[f"  {name}" for name in listed],
+        ]
+        if more > 0:
+            lines.append(f"  ... and {more} more")
+        lines.append(
+            f"LoRA parameters: {self.trainable_params:,} of {self.total_params:,} "
+            f"({self.trainable_percent:.3f}%)"
+        )
+        return "\n".join(lines)
+
+
+def module_kind(name: str, module: nn.Module) -> str:
+    leaf = name.rsplit(".", 1)[-1]
+    if isinstance(module, nn.Conv2d):
+        return "conv"
+    return "attention" if leaf in ATTENTION_NAMES else "mlp"
+
+
+def injection_summary(model: nn.Module, lora: LoraConfig) -> InjectionSummary:
+    """What LoRA was put where, and the parameter budget as PEFT counts it (LoRA weights / all weights)."""
+    adapted, kinds = [], {}
+    for name, module in model.named_modules():
+        if hasattr(module, "lora_A") and hasattr(module, "base_layer"):
+            adapted.append(name)
+            kind = module_kind(name, module.base_layer)
+            kinds[kind] = kinds.get(kind, 0) + 1
+    lora_params = sum(p.numel() for n, p in model.named_parameters() if "lora_" in n)
+    total = sum(p.numel() for p in model.parameters())
+    return InjectionSummary(adapted, kinds, lora.rank, lora.alpha, lora_params, total)
+
+
+def load_dinov2(cfg: VisionConfig) -> nn.Module:
+    """DINOv2 from a hub name or local folder; with ``random_init`` only its config is read."""
+    try:
+        hf_config = AutoConfig.from_pretrained(cfg.pretrained)
+    except (OSError, ValueError) as e:
+        raise ConfigError(f"model.vision.pretrained: cannot load {cfg.pretrained!r}: {e}") from e
+    if hf_config.model_type not in DINOV2_MODEL_TYPES:
+        raise ConfigError(
+            f"model.vision.pretrained: {cfg.pretrained!r} is a {hf_config.model_type!r} model; "
+            f"expected one of {DINOV2_MODEL_TYPES}"
+        )
+    if cfg.random_init:
+        return AutoModel.from_config(hf_config, attn_implementation=cfg.attn_implementation)
+    return AutoModel.from_pretrained(cfg.pretrained, attn_implementation=cfg.attn_implementation)
+
+
+class VisionEncoder(nn.Module):
+    """Frozen backbone + LoRA. ``forward(pixel_values)`` returns ``[B, prefix + patches, hidden]`` tokens."""
+
+    def __init__(self, cfg: VisionConfig):
+        super().__init__()
+        if cfg.backbone == "dinov2":
+            backbone = load_dinov2(cfg)
+            self.hidden_size = backbone.config.hidden_size
+            self.num_prefix_tokens = 1 + getattr(backbone.config, "num_register_tokens", 0)
+        else:
+            raise ConfigError(f"model.vision.backbone: unknown backbone {cfg.backbone!r} (known: dinov2)")
+        backbone.requires_grad_(False)
+        self.target_modules = resolve_target_modules(backbone, cfg.lora.target_modules)
+        self.model = get_peft_model(backbone, peft_lora_config(cfg.lora, self.target_modules))
+        self.summary = injection_summary(self.model, cfg.lora)
+        self.set_lora_trainable(False)
+
+    def lora_parameters(self) -> list[tuple[str, nn.Parameter]]:
+        return [(n, p) for n, p in self.named_parameters() if "lora_" in n]
+
+    def set_lora_trainable(self, trainable: bool) -> None:
+        for _, p in self.lora_parameters():
+            p.requires_grad_(trainable)
+        self.lora_trainable = trainable
+
+    def forward(self, pixel_values: torch.Tensor) -> torch.Tensor:
+        # Phase 1: nothing in the encoder trains, so no autograd graph is built through it at all.
+        with torch.set_grad_enabled(self.lora_trainable and torch.is_grad_enabled()):
+            return self.model(pixel_values=pixel_values).last_hidden_state
+
+
+def num_image_tokens(encoder: VisionEncoder, image_size: int) -> int:
+    """Tokens per image at ``image_size``: prefix (CLS, registers) plus patches."""
+    patch = encoder.model.base_model.model.config.patch_size
+    return encoder.num_prefix_tokens + (image_size // patch) ** 2
