@@ -1,0 +1,87 @@
+"""Skip markers for broken samples, and counting them.
+
+A dataset never raises on a bad file: it returns a ``Skip`` carrying the reason. The collate function drops the
+markers and puts a ``collections.Counter`` of reasons in ``batch["skipped"]``; counts travel inside the batch, so
+they survive worker processes without shared state.
+"""
+from __future__ import annotations
+
+from collections import Counter
+from dataclasses import dataclass, field
+from typing import Any, Mapping
+
+# The reasons a sample can be skipped (the keys of batch["skipped"]).
+MISSING_FILE = "missing_file"
+EMPTY_FILE = "empty_file"
+NOT_AN_IMAGE = "not_an_image"
+CORRUPT_IMAGE = "corrupt_image"
+DECOMPRESSION_BOMB = "decompression_bomb"
+TOO_SMALL = "too_small"
+EMPTY_CAPTION = "empty_caption"
+NO_IMAGE = "no_image"
+UNREADABLE_SHARD = "unreadable_shard"
+READ_ERROR = "read_error"
+
+
+@dataclass(frozen=True)
+class Skip:
+    """Stands in for a sample that could not be used."""
+
+    reason: str
+    detail: str = ""
+
+
+class TooManySkippedError(RuntimeError):
+    """Most samples of an epoch failed: the data is broken, training on what is left would be meaningless."""
+
+
+def check_skip_fraction(counter: Mapping[str, int], seen: int, max_skip_fraction: float, *,
+                        min_seen: int = 0) -> None:
+    """Raise ``TooManySkippedError`` when more than ``max_skip_fraction`` of ``seen`` samples were skipped.
+
+    ``seen`` counts every sample the loader looked at (kept and skipped). Below ``min_seen`` nothing is decided, so
+    a few bad files at the start of an epoch do not stop a run.
+    """
+    skipped = sum(counter.values())
+    if seen <= 0 or seen < min_seen:
+        return
+    if skipped / seen > max_skip_fraction:
+        reasons = ", ".join(f"{reason}: {n}" for reason, n in Counter(counter).most_common())
+        raise TooManySkippedError(
+            f"{skipped} of {seen} samples ({skipped / seen:.0%}) could not be loaded, more than "
+            f"data.max_skip_fraction={max_skip_fraction}; reasons: {reasons}. Check the data paths and files.")
+
+
+@dataclass
+class SkipCounter:
+    """Per-epoch totals of kept and skipped samples, fed batch by batch (``update(batch)``)."""
+
+    seen: int = 0
+    reasons: Counter = field(default_factory=Counter)
+
+    @property
+    def skipped(self) -> int:
+        return sum(self.reasons.values())
+
+    @property
+    def fraction(self) -> float:
+        return self.skipped / self.seen if self.seen else 0.0
+
+    def update(self, batch: Mapping[str, Any]) -> None:
+        skipped: Counter = batch["skipped"]
+        self.reasons.update(skipped)
+        self.seen += len(batch["captions"]) + sum(skipped.values())
+
+    def check(self, max_skip_fraction: float, *, min_seen: int = 0) -> None:
+        check_skip_fraction(self.reasons, self.seen, max_skip_fraction, min_seen=min_seen)
+
+    def reset(self) -> None:
+        self.seen = 0
+        self.reasons = Counter()
+
+    def state_dict(self) -> dict[str, Any]:
+        return {"seen": self.seen, "reasons": dict(self.reasons)}
+
+    def load_state_dict(self, state: Mapping[str, Any]) -> None:
+        self.seen = int(state["seen"])
+        self.reasons = Counter(state["reasons"])
