@@ -36,7 +36,7 @@ class VisionLanguageModel(nn.Module):
 
         self.vision = VisionEncoder(cfg.vision)
         self.compressor = TokenCompressor(self.vision.hidden_size, cfg.compressor)
-        self.text = build_text_model(cfg.text, tokenizer)
+        self.text = build_text_model(cfg.text, len(tokenizer), tokenizer.bos_id, tokenizer.eos_id, tokenizer.pad_id)
         self.image_to_text = nn.Linear(image_dim, text_dim)  # image tokens as the captioner's cross-attention input
         self.fusion = FusionEncoder(image_dim, text_dim, cfg.fusion)
         self.vision_proj = nn.Linear(image_dim, embed_dim)
@@ -226,12 +226,24 @@ class VisionLanguageModel(nn.Module):
             negative_ids = self.queue.text_ids[hard_negative_texts]
             negative_mask = self.queue.text_mask[hard_negative_texts]
             negative_image_tokens = self.queue.image_tokens[hard_negative_images].to(image["image_tokens"].dtype)
-        negative_text_states = encode_text(self.text.transformer, negative_ids, negative_mask)
+        if negative_ids.shape[0] > 0:
+            negative_text_states = encode_text(self.text.transformer, negative_ids, negative_mask)
+        else:  # the queue is still empty (first step)
+            negative_text_states = text["text_states"][:0]
 
         pair_images = torch.cat([image["image_tokens"], image["image_tokens"][has_text], negative_image_tokens])
         pair_texts = torch.cat([text["text_states"], negative_text_states, text["text_states"][has_image]])
         pair_masks = torch.cat([mask, negative_mask, mask[has_image]])
         return self._itm_loss(pair_images, pair_texts, pair_masks, image["image_tokens"].shape[0])
+
+    def parameter_budget(self) -> dict[str, int]:
+        """Parameter counts by component (momentum copies and buffers excluded)."""
+        parts = {"vision_base": sum(p.numel() for n, p in self.vision.named_parameters() if "lora_" not in n),
+                 "vision_lora": sum(p.numel() for _, p in self.vision.lora_parameters())}
+        for name in ("compressor", "text", "image_to_text", "fusion", "vision_proj", "text_proj", "itm_head"):
+            parts[name] = sum(p.numel() for p in getattr(self, name).parameters())
+        parts["momentum_copies"] = sum(p.numel() for _, m in self._momentum_pairs() for p in m.parameters())
+        return parts
 
     # -- checkpoint contents ------------------------------------------------------------------------------------
 

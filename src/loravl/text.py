@@ -89,9 +89,11 @@ class CaptionTokenizer:
         self.tokenizer.save_pretrained(str(path))
 
 
-def build_text_model(cfg: TextConfig, tokenizer: CaptionTokenizer) -> GPT2LMHeadModel:
+def build_text_model(cfg: TextConfig, vocab_size: int, bos_id: int, eos_id: int, pad_id: int) -> GPT2LMHeadModel:
+    """GPT-2 with cross-attention layers; ``vocab_size`` is the tokenizer's real size (BPE may stop short of
+    ``cfg.vocab_size`` on a small corpus)."""
     config = GPT2Config(
-        vocab_size=len(tokenizer),
+        vocab_size=vocab_size,
         n_positions=cfg.max_length,
         n_embd=cfg.hidden_size,
         n_layer=cfg.num_layers,
@@ -100,9 +102,9 @@ def build_text_model(cfg: TextConfig, tokenizer: CaptionTokenizer) -> GPT2LMHead
         embd_pdrop=cfg.dropout,
         attn_pdrop=cfg.dropout,
         add_cross_attention=True,
-        bos_token_id=tokenizer.bos_id,
-        eos_token_id=tokenizer.eos_id,
-        pad_token_id=tokenizer.pad_id,
+        bos_token_id=bos_id,
+        eos_token_id=eos_id,
+        pad_token_id=pad_id,
     )
     return GPT2LMHeadModel(config)
 

@@ -1,0 +1,76 @@
+"""Run by tests/test_distributed.py under `torchrun --nproc_per_node=2` (gloo, CPU).
+
+Each rank trains the tiny model a few steps on its own data, with unequal batch sizes, then writes its ITC queue
+and a gradient check of ``gather_with_grad`` to OUT/rank{r}.pt.
+"""
+import sys
+from pathlib import Path
+
+import torch
+import torch.distributed as dist
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path[:0] = [str(ROOT / "src"), str(ROOT / "tests")]
+
+from transformers import Dinov2Model  # noqa: E402
+
+from conftest import TINY_CAPTIONS, tiny_batch, tiny_dinov2_config  # noqa: E402
+from loravl import distributed as D  # noqa: E402
+from loravl.config import (CompressorConfig, FusionConfig, LoraConfig, LossConfig, ModelConfig,  # noqa: E402
+                           TextConfig, VisionConfig)
+from loravl.model import VisionLanguageModel  # noqa: E402
+from loravl.text import CaptionTokenizer, train_tokenizer  # noqa: E402
+
+
+def main(out: Path) -> None:
+    dist.init_process_group("gloo")
+    rank = dist.get_rank()
+    dinov2 = out / "dinov2"
+    if rank == 0:
+        torch.manual_seed(0)
+        Dinov2Model(tiny_dinov2_config()).save_pretrained(dinov2)
+    dist.barrier()
+
+    tokenizer = CaptionTokenizer(train_tokenizer(TINY_CAPTIONS, vocab_size=320), max_length=12)
+    cfg = ModelConfig(
+        vision=VisionConfig(pretrained=str(dinov2), image_size=28, lora=LoraConfig(rank=4, alpha=8)),
+        compressor=CompressorConfig(hidden_dim=24, embed_dim=16),
+        text=TextConfig(vocab_size=320, max_length=12, num_layers=2, hidden_size=32, num_heads=2),
+        fusion=FusionConfig(num_layers=2, num_heads=2),
+        loss=LossConfig(embed_dim=16, queue_size=16),
+    )
+    torch.manual_seed(0)
+    model = VisionLanguageModel(cfg, tokenizer)
+    ddp = torch.nn.parallel.DistributedDataParallel(model, broadcast_buffers=False)
+    opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-3)
+    torch.manual_seed(100 + rank)  # different sampling and dropout on each rank
+    batch_size = 4 if rank == 0 else 3  # unequal, as when a rank drops undecodable samples
+    losses = []
+    for step in range(5):
+        ids = torch.arange(batch_size) + 10 * step + 100 * rank  # image ids unique across ranks
+        batch = tiny_batch(tokenizer, batch_size, image_ids=ids, seed=step * 2 + rank)
+        out_ = ddp(**batch)
+        opt.zero_grad()
+        out_["loss"].backward()
+        opt.step()
+        losses.append(out_["loss"].item())
+
+    # gather_with_grad sends each rank the gradient of its own rows, summed over the ranks' losses.
+    x = torch.arange(batch_size * 2, dtype=torch.float).view(batch_size, 2).requires_grad_()
+    gathered = D.gather_with_grad(x)
+    weights = torch.arange(gathered.numel(), dtype=torch.float).view_as(gathered)
+    (gathered * weights).sum().backward()
+    offset = D.rank_offset(D.gather_batch_sizes(batch_size, x.device))
+
+    torch.save({
+        "queue_image": model.queue.image_feats.clone(), "queue_text": model.queue.text_feats.clone(),
+        "queue_ids": model.queue.image_ids.clone(), "filled": int(model.queue.filled),
+        "trainable": {n: p.detach().clone() for n, p in model.named_parameters() if p.requires_grad},
+        "gathered_rows": gathered.shape[0], "x_grad": x.grad.clone(),
+        "expected_grad": 2 * weights[offset: offset + batch_size], "losses": losses,
+    }, out / f"rank{rank}.pt")
+    dist.destroy_process_group()
+
+
+if __name__ == "__main__":
+    main(Path(sys.argv[1]))

@@ -1,0 +1,51 @@
+import pytest
+
+from loravl.config import ConfigError, RunConfig, load_config, main_config, parse_overrides
+
+
+def test_defaults_are_the_recipe():
+    cfg = RunConfig().validate()
+    lora = cfg.model.vision.lora
+    assert (lora.rank, lora.alpha, lora.dropout, lora.target_modules) == (16, 32, 0.1, ["query", "value"])
+    assert cfg.model.compressor.hidden_dim == 384 and cfg.model.compressor.embed_dim == 128
+    assert cfg.train.lora_warmup_epochs == 5 and cfg.train.lora_lr == 2e-4
+
+
+def test_yaml_then_dotted_and_flat_overrides(tmp_path):
+    path = tmp_path / "run.yaml"
+    path.write_text("model:\n  vision:\n    lora:\n      rank: 8\ntrain:\n  batch_size: 16\n")
+    cfg = load_config(path, ["--model.vision.lora.rank", "32", "--batch_size", "64", "--use_ddp", "True",
+                             "--num_gpus=8", "--lora.target_modules", "q_proj,v_proj"])
+    assert cfg.model.vision.lora.rank == 32
+    assert cfg.train.batch_size == 64 and cfg.train.use_ddp is True and cfg.train.num_gpus == 8
+    assert cfg.model.vision.lora.target_modules == ["q_proj", "v_proj"]
+
+
+def test_unknown_key_names_the_field(tmp_path):
+    path = tmp_path / "bad.yaml"
+    path.write_text("model:\n  vision:\n    lora:\n      rnak: 8\n")
+    with pytest.raises(ConfigError, match=r"bad.yaml.*'model.vision.lora.rnak'"):
+        load_config(path)
+    with pytest.raises(ConfigError, match="unknown config option --batchsize"):
+        load_config(None, ["--batchsize", "3"])
+
+
+def test_wrong_type_and_impossible_value_name_the_field():
+    with pytest.raises(ConfigError, match=r"train.batch_size must be an integer"):
+        load_config(None, ["--batch_size", "many"])
+    with pytest.raises(ConfigError, match=r"model.vision.lora.rank must be > 0"):
+        load_config(None, ["--model.vision.lora.rank", "0"])
+    with pytest.raises(ConfigError, match=r"model.loss.itm_negatives must be"):
+        load_config(None, ["--itm_negatives", "random"])
+
+
+def test_ambiguous_flat_flag_lists_the_choices():
+    with pytest.raises(ConfigError, match=r"ambiguous option --dropout.*--model.vision.lora.dropout"):
+        parse_overrides(["--dropout", "0.2"])
+
+
+def test_entry_point_exits_with_the_message(capsys):
+    with pytest.raises(SystemExit) as exc:
+        main_config(["--config", "does/not/exist.yaml"])
+    assert exc.value.code == 2
+    assert "config file not found: does/not/exist.yaml" in capsys.readouterr().err

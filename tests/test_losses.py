@@ -1,0 +1,92 @@
+import math
+
+import torch
+import torch.nn.functional as F
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from loravl.losses import FeatureQueue, hard_negative_weights, itc_loss, lm_loss, sample_hard_negatives
+
+
+def test_itc_equals_hand_computed_value():
+    image = torch.tensor([[1.0, 0.0], [0.0, 1.0]])
+    text = torch.tensor([[0.6, 0.8], [0.0, 1.0]])
+    ids = torch.tensor([0, 1])
+    t = torch.tensor(0.5)
+    loss = itc_loss(image, text, image, text, ids, ids, t)
+    # i2t rows: image0 . texts = [0.6, 0.0]/0.5, image1 . texts = [0.8, 1.0]/0.5; targets are the diagonal.
+    def ce(logits, target):
+        return -(logits[target] - math.log(sum(math.exp(x) for x in logits)))
+    i2t = (ce([1.2, 0.0], 0) + ce([1.6, 2.0], 1)) / 2
+    # t2i rows: text0 . images = [0.6, 0.8]/0.5, text1 . images = [0.0, 1.0]/0.5
+    t2i = (ce([1.2, 1.6], 0) + ce([0.0, 2.0], 1)) / 2
+    assert abs(loss.item() - (i2t + t2i) / 2) < 1e-6
+
+
+def test_itc_counts_every_caption_of_an_image_as_positive():
+    feats = F.normalize(torch.randn(3, 4), dim=1)
+    ids = torch.tensor([7, 7, 9])  # two captions of image 7
+    loss = itc_loss(feats, feats, feats, feats, ids, ids, torch.tensor(1.0))
+    sim = feats @ feats.t()
+    targets = torch.tensor([[0.5, 0.5, 0], [0.5, 0.5, 0], [0, 0, 1.0]])
+    expected = -(F.log_softmax(sim, 1) * targets).sum(1).mean()
+    assert torch.allclose(loss, expected)
+
+
+def test_queue_wraps_around():
+    q = FeatureQueue(size=5, embed_dim=2)
+    assert q.valid() == slice(0, 0)
+    q.enqueue(torch.ones(3, 2), torch.ones(3, 2), torch.tensor([0, 1, 2]))
+    assert int(q.ptr) == 3 and int(q.filled) == 3
+    q.enqueue(torch.full((4, 2), 2.0), torch.full((4, 2), 2.0), torch.tensor([3, 4, 5, 6]))
+    # slots 3,4 then wrap to 0,1; slot 2 keeps the first batch's last entry
+    assert q.image_ids.tolist() == [5, 6, 2, 3, 4]
+    assert q.image_feats[:, 0].tolist() == [2.0, 2.0, 1.0, 2.0, 2.0]
+    assert int(q.ptr) == 2 and int(q.filled) == 5 and q.valid() == slice(0, 5)
+
+
+def test_queue_keeps_the_newest_when_a_batch_exceeds_it():
+    q = FeatureQueue(size=3, embed_dim=1)
+    q.enqueue(torch.arange(5.0)[:, None], torch.arange(5.0)[:, None], torch.arange(5))
+    assert sorted(q.image_ids.tolist()) == [2, 3, 4]
+
+
+@settings(max_examples=200, deadline=None)
+@given(
+    image_ids=st.lists(st.integers(0, 3), min_size=1, max_size=8),
+    candidate_ids=st.lists(st.integers(0, 3), min_size=1, max_size=8),
+    raw=st.lists(st.sampled_from([0.0, 1e-30, 0.3, 1.0, 50.0, 1e4, float("inf"), float("-inf"), float("nan")]),
+                 min_size=64, max_size=64),
+    seed=st.integers(0, 2**16),
+)
+def test_hard_negative_sampler_never_picks_a_positive(image_ids, candidate_ids, raw, seed):
+    rows, cols = len(image_ids), len(candidate_ids)
+    similarity = torch.tensor(raw[: rows * cols] + [0.0] * max(0, rows * cols - 64))[: rows * cols].view(rows, cols)
+    positive = torch.tensor(image_ids)[:, None] == torch.tensor(candidate_ids)[None, :]
+    weights = hard_negative_weights(similarity.half(), positive)  # fp16 input must not break it
+    index, has_negative = sample_hard_negatives(weights, positive, generator=torch.Generator().manual_seed(seed))
+    assert has_negative.tolist() == (~positive).any(1).tolist()
+    for r in range(rows):
+        if has_negative[r]:
+            assert not positive[r, index[r]], "sampled a positive"
+        else:
+            assert index[r] == -1
+
+
+def test_hard_negatives_follow_similarity():
+    similarity = torch.tensor([[0.0, 9.0, 0.0, 0.0]])
+    positive = torch.tensor([[True, False, False, False]])
+    index, _ = sample_hard_negatives(hard_negative_weights(similarity, positive), positive,
+                                     generator=torch.Generator().manual_seed(0))
+    assert index.item() == 1
+
+
+def test_lm_loss_ignores_padding():
+    ids = torch.tensor([[1, 5, 6, 2, 0, 0]])
+    mask = torch.tensor([[1, 1, 1, 1, 0, 0]])
+    logits = torch.randn(1, 6, 10)
+    loss = lm_loss(logits, ids, mask, label_smoothing=0.0)
+    expected = F.cross_entropy(logits[0, :3], torch.tensor([5, 6, 2]))
+    assert torch.allclose(loss, expected)
+    logits[0, 3:] = 1e3  # positions predicting padding do not count
+    assert torch.allclose(lm_loss(logits, ids, mask, 0.0), expected)

@@ -1,0 +1,106 @@
+import dataclasses
+
+import pytest
+import torch
+
+from loravl.model import VisionLanguageModel
+
+from conftest import tiny_batch
+
+
+def _model(cfg, tokenizer, **loss_overrides):
+    torch.manual_seed(0)
+    cfg = dataclasses.replace(cfg, loss=dataclasses.replace(cfg.loss, **loss_overrides))
+    return VisionLanguageModel(cfg, tokenizer)
+
+
+def test_forward_backward_all_losses_finite(tiny_model_config, tiny_tokenizer):
+    model = _model(tiny_model_config, tiny_tokenizer)
+    out = model(**tiny_batch(tiny_tokenizer, 4))
+    for name in ("loss", "loss_itc", "loss_itm", "loss_lm"):
+        assert torch.isfinite(out[name]), name
+    w = model.cfg.loss
+    expected = w.itc_weight * out["loss_itc"] + w.itm_weight * out["loss_itm"] + w.lm_weight * out["loss_lm"]
+    assert torch.allclose(out["loss"], expected)
+    out["loss"].backward()
+
+
+def _params_with_grad(model):
+    return {n for n, p in model.named_parameters() if p.grad is not None}
+
+
+def test_gradients_reach_exactly_the_trainable_parameters(tiny_model_config, tiny_tokenizer):
+    model = _model(tiny_model_config, tiny_tokenizer)
+    model(**tiny_batch(tiny_tokenizer, 4))["loss"].backward()
+    trainable = {n for n, p in model.named_parameters() if p.requires_grad}
+    assert _params_with_grad(model) == trainable
+    assert not any(n.startswith("vision.") for n in trainable), "phase 1 trains nothing in the encoder"
+    assert not any(n.split(".")[0].endswith("_m") for n in trainable), "momentum copies never train"
+
+    model.zero_grad(set_to_none=True)
+    model.set_lora_trainable(True)
+    model(**tiny_batch(tiny_tokenizer, 4))["loss"].backward()
+    with_grad = _params_with_grad(model)
+    lora = {n for n, _ in model.lora_parameters()}
+    assert lora and lora <= with_grad
+    assert {n for n in with_grad if n.startswith("vision.")} == lora
+
+
+def test_momentum_copies_follow_by_ema_and_queue_fills(tiny_model_config, tiny_tokenizer):
+    model = _model(tiny_model_config, tiny_tokenizer, momentum=0.5)
+    opt = torch.optim.SGD([p for _, p in model.trainable_parameters()], lr=0.1)
+    before_online = model.text_proj.weight.detach().clone()
+    model(**tiny_batch(tiny_tokenizer, 4))["loss"].backward()
+    opt.step()
+    after_online = model.text_proj.weight.detach().clone()
+    momentum_before = model.text_proj_m.weight.detach().clone()
+    model(**tiny_batch(tiny_tokenizer, 4, seed=1))
+    torch.testing.assert_close(model.text_proj_m.weight, 0.5 * momentum_before + 0.5 * after_online)
+    assert not torch.equal(before_online, after_online)
+    assert int(model.queue.filled) == 8
+
+
+def test_eval_forward_leaves_queue_and_momentum_alone(tiny_model_config, tiny_tokenizer):
+    model = _model(tiny_model_config, tiny_tokenizer).eval()
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    with torch.no_grad():
+        model(**tiny_batch(tiny_tokenizer, 4))
+    assert all(torch.equal(v, model.state_dict()[k]) for k, v in before.items())
+
+
+@pytest.mark.parametrize("image_ids", [[5], [3, 3, 3, 3], [0, 0, 1, 1]])
+def test_degenerate_batches_do_not_crash_itm(tiny_model_config, tiny_tokenizer, image_ids):
+    # A batch of one, or every caption of one image: no valid hard negative exists for some rows.
+    model = _model(tiny_model_config, tiny_tokenizer, queue_size=0)
+    out = model(**tiny_batch(tiny_tokenizer, len(image_ids), image_ids=image_ids))
+    assert torch.isfinite(out["loss"])
+    out["loss"].backward()
+
+
+def test_itm_negatives_from_the_queue(tiny_model_config, tiny_tokenizer):
+    model = _model(tiny_model_config, tiny_tokenizer, itm_negatives="queue")
+    assert model.queue.image_tokens.shape == (32, 5, 16)
+    model(**tiny_batch(tiny_tokenizer, 4, image_ids=[0, 1, 2, 3]))
+    out = model(**tiny_batch(tiny_tokenizer, 4, image_ids=[4, 5, 6, 7], seed=1))
+    assert torch.isfinite(out["loss_itm"])
+    out["loss"].backward()
+    stored = set(model.queue.image_ids[model.queue.valid()].tolist())
+    assert stored == set(range(8))
+
+
+def test_generate_greedy_and_beam(tiny_model_config, tiny_tokenizer):
+    model = _model(tiny_model_config, tiny_tokenizer).eval()
+    pixels = tiny_batch(tiny_tokenizer, 3)["pixel_values"]
+    greedy = model.generate(pixels, max_new_tokens=5)
+    beams = model.generate(pixels, max_new_tokens=5, num_beams=2)
+    assert len(greedy) == len(beams) == 3 and all(isinstance(c, str) for c in greedy + beams)
+    assert model.generate(pixels[:1], max_new_tokens=5) == greedy[:1]
+
+
+def test_checkpoint_state_keeps_lora_and_drops_pretrained_base(tiny_model_config, tiny_tokenizer):
+    model = _model(tiny_model_config, tiny_tokenizer)
+    keys = model.checkpoint_state_dict().keys()
+    lora_keys = {f"{n}" for n, _ in model.lora_parameters()}
+    assert lora_keys <= set(keys), "LoRA A and B must be saved even while frozen"
+    assert not any(k.startswith("vision.") and "lora_" not in k for k in keys)
+    assert {"queue.image_feats", "compressor_m.net.0.weight", "temperature"} <= set(keys)

@@ -1,0 +1,119 @@
+import pytest
+import torch
+from torch import nn
+from transformers import AutoModel, Dinov2Config, Dinov2WithRegistersConfig, Dinov2WithRegistersModel
+
+from loravl.compressor import TokenCompressor
+from loravl.config import CompressorConfig, ConfigError, LoraConfig, VisionConfig
+from loravl.vision import VisionEncoder, num_image_tokens, resolve_target_modules
+
+from conftest import tiny_dinov2_config
+
+
+def test_lora_at_init_leaves_encoder_output_unchanged(tiny_dinov2_path):
+    torch.manual_seed(0)
+    pixels = torch.randn(2, 3, 28, 28)
+    plain = AutoModel.from_pretrained(tiny_dinov2_path).eval()
+    encoder = VisionEncoder(VisionConfig(pretrained=tiny_dinov2_path, image_size=28)).eval()
+    with torch.no_grad():
+        expected = plain(pixel_values=pixels).last_hidden_state
+        got = encoder(pixels)
+    assert got.shape == (2, 1 + 4, 32)
+    torch.testing.assert_close(got, expected, rtol=0, atol=0)
+
+
+def test_step_on_lora_moves_lora_only(tiny_dinov2_path):
+    encoder = VisionEncoder(VisionConfig(pretrained=tiny_dinov2_path, image_size=28))
+    encoder.set_lora_trainable(True)
+    base_before = {n: p.detach().clone() for n, p in encoder.named_parameters() if "lora_" not in n}
+    lora_before = {n: p.detach().clone() for n, p in encoder.lora_parameters()}
+    assert {n for n, p in encoder.named_parameters() if p.requires_grad} == set(lora_before)
+    opt = torch.optim.Adam([p for _, p in encoder.lora_parameters()], lr=1e-2)
+    for _ in range(2):  # B is zero at init: the first step moves B only, the second A as well
+        opt.zero_grad()
+        encoder(torch.randn(2, 3, 28, 28)).pow(2).mean().backward()
+        opt.step()
+    for n, p in encoder.named_parameters():
+        if "lora_" in n:
+            assert not torch.equal(p, lora_before[n]), f"{n} did not move"
+        else:
+            assert torch.equal(p, base_before[n]), f"base weight {n} changed"
+
+
+def test_phase1_builds_no_graph_through_encoder(tiny_dinov2_path):
+    encoder = VisionEncoder(VisionConfig(pretrained=tiny_dinov2_path, image_size=28))
+    out = encoder(torch.randn(1, 3, 28, 28))
+    assert not out.requires_grad and out.grad_fn is None
+    encoder.set_lora_trainable(True)
+    assert encoder(torch.randn(1, 3, 28, 28)).grad_fn is not None
+
+
+@pytest.mark.parametrize("image_size,total", [
+    (224, 86_315_520),  # the figure in our design notes: 257 position embeddings
+    (518, 87_170_304),  # facebook/dinov2-base's own config.json: 1370 position embeddings
+])
+def test_dinov2_base_lora_parameter_budget(tmp_path, image_size, total):
+    # The real dinov2-base architecture, random weights (nothing can be downloaded here).
+    Dinov2Config(hidden_size=768, num_hidden_layers=12, num_attention_heads=12, intermediate_size=3072,
+                 patch_size=14, image_size=image_size).save_pretrained(tmp_path)
+    encoder = VisionEncoder(VisionConfig(pretrained=str(tmp_path), random_init=True))
+    encoder.set_lora_trainable(True)
+    assert encoder.model.get_nb_trainable_parameters() == (589_824, total)  # PEFT's own count
+    assert (encoder.summary.trainable_params, encoder.summary.total_params) == (589_824, total)
+    assert encoder.summary.counts_by_kind == {"attention": 24}
+    text = encoder.summary.format()
+    assert f"589,824 of {total:,}" in text and "rank=16, alpha=32" in text
+
+
+class OldStyleAttention(nn.Module):
+    """The layer names transformers <= 5.17 gives DINOv2's attention."""
+
+    def __init__(self):
+        super().__init__()
+        self.query, self.key, self.value, self.dense = (nn.Linear(4, 4) for _ in range(4))
+
+
+class NewStyleAttention(nn.Module):
+    """The layer names transformers >= 5.23 gives it."""
+
+    def __init__(self):
+        super().__init__()
+        self.q_proj, self.k_proj, self.v_proj, self.o_proj = (nn.Linear(4, 4) for _ in range(4))
+
+
+@pytest.mark.parametrize("requested", [["query", "value"], ["q_proj", "v_proj"]])
+def test_target_module_aliases_resolve_both_ways(requested):
+    assert resolve_target_modules(OldStyleAttention(), requested) == ["query", "value"]
+    assert resolve_target_modules(NewStyleAttention(), requested) == ["q_proj", "v_proj"]
+
+
+@pytest.mark.parametrize("requested", [["query", "value"], ["q_proj", "v_proj"]])
+def test_either_naming_adapts_the_installed_dinov2(tiny_dinov2_path, requested):
+    encoder = VisionEncoder(VisionConfig(pretrained=tiny_dinov2_path, image_size=28,
+                                         lora=LoraConfig(target_modules=requested)))
+    assert len(encoder.summary.adapted_modules) == 4  # 2 layers x (query, value)
+    assert encoder.summary.counts_by_kind == {"attention": 4}
+
+
+def test_unknown_target_module_fails_with_field_and_names(tiny_dinov2_path):
+    with pytest.raises(ConfigError, match=r"target_modules.*'qkv'.*layer names are"):
+        VisionEncoder(VisionConfig(pretrained=tiny_dinov2_path, lora=LoraConfig(target_modules=["qkv"])))
+
+
+def test_not_a_dinov2_checkpoint_fails_clearly(tmp_path):
+    from transformers import GPT2Config
+    GPT2Config(n_layer=1).save_pretrained(tmp_path)
+    with pytest.raises(ConfigError, match="model.vision.pretrained.*'gpt2'"):
+        VisionEncoder(VisionConfig(pretrained=str(tmp_path)))
+
+
+def test_registers_variant_and_compressor_width_follow_the_encoder(tmp_path):
+    cfg = Dinov2WithRegistersConfig(hidden_size=48, num_hidden_layers=1, num_attention_heads=2, intermediate_size=96,
+                                    image_size=28, patch_size=14, num_register_tokens=4)
+    Dinov2WithRegistersModel(cfg).save_pretrained(tmp_path)
+    encoder = VisionEncoder(VisionConfig(pretrained=str(tmp_path), image_size=28))
+    assert encoder.hidden_size == 48 and encoder.num_prefix_tokens == 5
+    tokens = encoder(torch.randn(2, 3, 28, 28))
+    assert tokens.shape == (2, num_image_tokens(encoder, 28), 48) == (2, 9, 48)
+    compressed = TokenCompressor(encoder.hidden_size, CompressorConfig())(tokens)
+    assert compressed.shape == (2, 9, 128)
