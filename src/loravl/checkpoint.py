@@ -1,0 +1,324 @@
+"""Training checkpoints: a set of stateful pieces written to a temporary folder and renamed into place.
+
+A checkpoint folder ``<checkpoint_dir>/step_00001000/`` holds
+
+    model.safetensors      model.checkpoint_state_dict() (trainable, LoRA, momentum copies, ITC queue)
+    optimizer.pt           AdamW state and param groups (the same on every rank)
+    scheduler.pt           the LR schedule's position
+    scaler.pt              the fp16 grad scaler (only when one is used)
+    train_state.json       epoch, step, phase (TrainState)
+    rank_<r>.pt            per rank: RNG states (torch, cuda, numpy, python) and the data loader's position
+    config.yaml            the resolved RunConfig
+    tokenizer/             the caption tokenizer
+    vision_config/         the backbone's HF config.json (a randomly initialised encoder rebuilds from it)
+
+and ``<checkpoint_dir>/latest`` names the newest complete one. Save order: every piece into ``.tmp-step_...``,
+fsync, rename the folder, then replace ``latest`` atomically; a process killed at any moment leaves ``latest``
+naming a complete checkpoint. Multi-node runs need ``checkpoint_dir`` on a shared filesystem.
+
+Everything is read back with safetensors or ``torch.load(weights_only=True)``.
+``load_model(path)`` rebuilds a model for inference from a checkpoint, the checkpoint dir or an export folder.
+"""
+from __future__ import annotations
+
+import dataclasses
+import json
+import logging
+import os
+import random
+import shutil
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Optional, Protocol
+
+import numpy as np
+import torch
+import torch.distributed as dist
+from safetensors.torch import load_file, save_file
+
+from .config import RunConfig, load_config, save_config
+from .model import VisionLanguageModel
+from .text import CaptionTokenizer, load_tokenizer
+
+logger = logging.getLogger(__name__)
+
+LATEST = "latest"
+CHECKPOINT_PREFIX = "step_"
+TMP_PREFIX = ".tmp-"
+MODEL_FILE = "model.safetensors"
+TRAIN_STATE_FILE = "train_state.json"
+EXPORT_MARKER = "loravl_export.json"
+# Fault injection for the crash-during-save test: seconds to sleep after the pieces are written, before the rename.
+SAVE_DELAY_ENV = "LORAVL_TEST_SAVE_DELAY_S"
+
+
+class Stateful(Protocol):
+    def state_dict(self) -> dict[str, Any]: ...
+
+    def load_state_dict(self, state: dict[str, Any]) -> Any: ...
+
+
+@dataclass
+class TrainState:
+    """Where the run is. ``epoch`` is the epoch in progress; ``step_in_epoch`` optimizer steps of it are done
+    (0: it starts fresh, so the data loader starts the epoch from the beginning)."""
+
+    epoch: int = 0
+    step: int = 0
+    step_in_epoch: int = 0
+    lora_unfrozen: bool = False
+
+    @property
+    def phase(self) -> int:
+        return 2 if self.lora_unfrozen else 1
+
+    def state_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        for f in dataclasses.fields(self):
+            setattr(self, f.name, type(getattr(self, f.name))(state[f.name]))
+
+
+class RNGState:
+    """This process' random generators: torch CPU, every CUDA device, numpy, python."""
+
+    def state_dict(self) -> dict[str, Any]:
+        np_state = np.random.get_state()
+        return {
+            "torch": torch.get_rng_state(),
+            "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else [],
+            # numpy's state as plain tensors/ints, so weights_only loading accepts it
+            "numpy": {"keys": torch.from_numpy(np_state[1].astype(np.int64)), "pos": int(np_state[2]),
+                      "has_gauss": int(np_state[3]), "cached_gaussian": float(np_state[4])},
+            "python": list(random.getstate()),
+        }
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        torch.set_rng_state(state["torch"])
+        if state["cuda"] and torch.cuda.is_available():
+            torch.cuda.set_rng_state_all(state["cuda"])
+        n = state["numpy"]
+        np.random.set_state(("MT19937", n["keys"].numpy().astype(np.uint32), n["pos"], n["has_gauss"],
+                             n["cached_gaussian"]))
+        version, internal, gauss = state["python"]
+        random.setstate((version, tuple(internal), gauss))
+
+
+# Model weights
+
+
+def _dedupe_shared(state: dict[str, torch.Tensor]) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
+    """safetensors refuses tensors that share memory (``text.lm_head.weight`` is ``text.transformer.wte.weight``):
+    keep the first name of each, and return the others as aliases {dropped: kept}."""
+    kept: dict[tuple, str] = {}
+    out, aliases = {}, {}
+    for name, tensor in state.items():
+        key = (tensor.untyped_storage().data_ptr(), tensor.storage_offset(), tuple(tensor.shape), tensor.dtype)
+        if tensor.numel() > 0 and key in kept:
+            aliases[name] = kept[key]
+            continue
+        kept[key] = name
+        out[name] = tensor.detach().contiguous().cpu()
+    return out, aliases
+
+
+def save_weights(state: dict[str, torch.Tensor], path: Path) -> None:
+    tensors, aliases = _dedupe_shared(state)
+    save_file(tensors, str(path), metadata={"aliases": json.dumps(aliases)})
+
+
+def read_weights(path: Path) -> dict[str, torch.Tensor]:
+    """A file written by ``save_weights``, aliases (tied weights) restored."""
+    from safetensors import safe_open
+
+    with safe_open(str(path), framework="pt") as f:
+        aliases = json.loads((f.metadata() or {}).get("aliases", "{}"))
+    state = load_file(str(path))
+    for dropped, kept in aliases.items():
+        state[dropped] = state[kept]
+    return state
+
+
+def load_weights_into(model: VisionLanguageModel, state: dict[str, torch.Tensor],
+                      allowed_missing: set[str]) -> None:
+    """``load_state_dict`` that fails on unexpected keys and on missing keys outside ``allowed_missing``."""
+    result = model.load_state_dict(state, strict=False)
+    missing = set(result.missing_keys) - allowed_missing
+    if result.unexpected_keys or missing:
+        raise RuntimeError(f"checkpoint does not match the model: unexpected keys {sorted(result.unexpected_keys)[:5]}"
+                           f", missing keys {sorted(missing)[:5]}")
+
+
+def frozen_keys(model: VisionLanguageModel) -> set[str]:
+    """Keys a checkpoint leaves out: they come back from ``model.vision.pretrained``."""
+    return set(model.state_dict()) - set(model.checkpoint_state_dict())
+
+
+class ModelWeights:
+    """The model as a checkpoint piece, in safetensors."""
+
+    def __init__(self, model: VisionLanguageModel):
+        self.model = model
+
+    def save(self, path: Path) -> None:
+        save_weights(self.model.checkpoint_state_dict(), path)
+
+    def load(self, path: Path) -> None:
+        load_weights_into(self.model, read_weights(path), frozen_keys(self.model))
+
+
+# Saving and loading a training checkpoint
+
+
+def _fsync(path: Path) -> None:
+    fd = os.open(str(path), os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def _fsync_tree(root: Path) -> None:
+    for dirpath, _, files in os.walk(root):
+        for name in files:
+            _fsync(Path(dirpath) / name)
+        _fsync(Path(dirpath))
+
+
+def _barrier() -> None:
+    if dist.is_available() and dist.is_initialized():
+        dist.barrier()
+
+
+def checkpoint_name(step: int) -> str:
+    return f"{CHECKPOINT_PREFIX}{step:08d}"
+
+
+def list_checkpoints(directory: Path) -> list[Path]:
+    """Complete checkpoint folders, oldest first (temporary folders are never named ``step_*``)."""
+    if not directory.is_dir():
+        return []
+    return sorted(p for p in directory.iterdir() if p.is_dir() and p.name.startswith(CHECKPOINT_PREFIX))
+
+
+def resolve_checkpoint(path: str | Path) -> Path:
+    """A checkpoint folder, or a checkpoint dir whose ``latest`` pointer names one."""
+    path = Path(path)
+    pointer = path / LATEST
+    if pointer.is_file():
+        target = path / pointer.read_text().strip()
+        if not target.is_dir():
+            raise FileNotFoundError(f"{pointer} names {target.name}, which does not exist")
+        return target
+    if (path / TRAIN_STATE_FILE).is_file() or (path / EXPORT_MARKER).is_file():
+        return path
+    raise FileNotFoundError(f"{path} is neither a checkpoint, an export nor a checkpoint dir with a 'latest' file")
+
+
+class Checkpointer:
+    """Saves and restores the run as named pieces. ``shared`` pieces are the same on every rank and written by
+    rank 0; ``per_rank`` pieces are written by each rank into ``rank_<r>.pt``."""
+
+    def __init__(self, directory: str | Path, keep_last: int, rank: int, world_size: int):
+        self.directory = Path(directory)
+        self.keep_last = keep_last
+        self.rank = rank
+        self.world_size = world_size
+
+    def save(self, step: int, model: ModelWeights, shared: dict[str, Stateful], per_rank: dict[str, Stateful],
+             train_state: TrainState, cfg: RunConfig, tokenizer: CaptionTokenizer) -> Path:
+        """Collective: every rank calls it. Returns the new checkpoint folder."""
+        final = self.directory / checkpoint_name(step)
+        tmp = self.directory / f"{TMP_PREFIX}{final.name}"
+        if self.rank == 0:
+            self.directory.mkdir(parents=True, exist_ok=True)
+            shutil.rmtree(tmp, ignore_errors=True)  # left by a crash
+            tmp.mkdir()
+        _barrier()
+        torch.save({name: piece.state_dict() for name, piece in per_rank.items()}, tmp / f"rank_{self.rank}.pt")
+        _fsync(tmp / f"rank_{self.rank}.pt")
+        _barrier()
+        if self.rank == 0:
+            model.save(tmp / MODEL_FILE)
+            for name, piece in shared.items():
+                torch.save(piece.state_dict(), tmp / f"{name}.pt")
+            (tmp / TRAIN_STATE_FILE).write_text(json.dumps(train_state.state_dict(), indent=1))
+            save_config(cfg, tmp / "config.yaml")
+            tokenizer.save(tmp / "tokenizer")
+            vision_config = model.model.vision.model.get_base_model().config
+            vision_config.save_pretrained(str(tmp / "vision_config"))
+            _fsync_tree(tmp)
+            delay = float(os.environ.get(SAVE_DELAY_ENV, "0") or 0)
+            if delay:
+                time.sleep(delay)
+            if final.exists():  # the same step saved again (e.g. a rerun): the older copy goes
+                shutil.rmtree(final)
+            os.rename(tmp, final)
+            _fsync(self.directory)
+            pointer_tmp = self.directory / f"{TMP_PREFIX}{LATEST}"
+            pointer_tmp.write_text(final.name + "\n")
+            _fsync(pointer_tmp)
+            os.replace(pointer_tmp, self.directory / LATEST)  # the pointer moves last
+            _fsync(self.directory)
+            self._prune(final)
+        _barrier()
+        return final
+
+    def _prune(self, newest: Path) -> None:
+        for old in list_checkpoints(self.directory)[: -self.keep_last]:
+            if old != newest:
+                shutil.rmtree(old, ignore_errors=True)
+
+    def load(self, path: str | Path, model: ModelWeights, shared: dict[str, Stateful],
+             per_rank: dict[str, Stateful], train_state: TrainState) -> Path:
+        """Restore every piece present in ``shared``/``per_rank`` (build them for the saved phase first)."""
+        folder = resolve_checkpoint(path)
+        model.load(folder / MODEL_FILE)
+        for name, piece in shared.items():
+            piece.load_state_dict(torch.load(folder / f"{name}.pt", weights_only=True, map_location="cpu"))
+        rank_file = folder / f"rank_{self.rank}.pt"
+        if not rank_file.is_file():
+            raise FileNotFoundError(f"{rank_file} missing: resume with the world size the checkpoint was saved with")
+        rank_state = torch.load(rank_file, weights_only=True, map_location="cpu")
+        for name, piece in per_rank.items():
+            piece.load_state_dict(rank_state[name])
+        train_state.load_state_dict(json.loads((folder / TRAIN_STATE_FILE).read_text()))
+        return folder
+
+
+def read_train_state(path: str | Path) -> TrainState:
+    state = TrainState()
+    state.load_state_dict(json.loads((resolve_checkpoint(path) / TRAIN_STATE_FILE).read_text()))
+    return state
+
+
+# Loading a model for inference
+
+
+def build_model(cfg: RunConfig, tokenizer: CaptionTokenizer) -> VisionLanguageModel:
+    return VisionLanguageModel(cfg.model, tokenizer)
+
+
+def caption_tokenizer(path: str | Path, cfg: RunConfig) -> CaptionTokenizer:
+    return CaptionTokenizer(load_tokenizer(path), cfg.model.text.max_length)
+
+
+def load_model(path: str | Path, device: str | torch.device = "cpu") -> tuple[VisionLanguageModel, RunConfig]:
+    """A model in eval mode, and its config, from a training checkpoint folder, a checkpoint dir (its ``latest``)
+    or a folder written by ``loravl.export.export_model`` (LoRA merged or not)."""
+    folder = resolve_checkpoint(path)
+    if (folder / EXPORT_MARKER).is_file():
+        from .export import load_exported
+
+        model, cfg = load_exported(folder)
+    else:
+        cfg = load_config(folder / "config.yaml")
+        cfg.model.text.tokenizer = str(folder / "tokenizer")
+        if cfg.model.vision.random_init:
+            # The whole encoder is in the checkpoint; only the architecture is needed.
+            cfg.model.vision.pretrained = str(folder / "vision_config")
+        model = build_model(cfg, caption_tokenizer(folder / "tokenizer", cfg))
+        ModelWeights(model).load(folder / MODEL_FILE)
+    return model.to(device).eval(), cfg

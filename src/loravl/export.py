@@ -1,0 +1,85 @@
+"""Exporting a trained model as a self-contained folder, and loading it back.
+
+    <export>/loravl_export.json       format marker, whether LoRA is merged
+    <export>/config.yaml               the RunConfig (paths below are relative to the folder)
+    <export>/model.safetensors         every weight outside the vision encoder
+    <export>/vision_backbone/          a plain DINOv2 (AutoModel.from_pretrained), LoRA merged into it or not
+    <export>/vision_adapter/           the PEFT adapter (adapter_config.json, adapter_model.safetensors)
+    <export>/tokenizer/                the caption tokenizer
+
+Unmerged: backbone + adapter reproduce the trained encoder. Merged: the backbone alone is the trained encoder
+(the adapter is kept for reference; loading does not apply it).
+"""
+from __future__ import annotations
+
+import copy
+import json
+import os
+import shutil
+from pathlib import Path
+
+import torch
+from peft import set_peft_model_state_dict
+from safetensors.torch import load_file
+
+from .checkpoint import (EXPORT_MARKER, MODEL_FILE, TMP_PREFIX, build_model, caption_tokenizer, load_weights_into,
+                         read_weights, save_weights)
+from .config import RunConfig, config_from_dict, save_config
+from .model import VisionLanguageModel
+
+BACKBONE_DIR = "vision_backbone"
+ADAPTER_DIR = "vision_adapter"
+TOKENIZER_DIR = "tokenizer"
+
+
+def _non_vision_state(model: VisionLanguageModel) -> dict[str, torch.Tensor]:
+    return {k: v for k, v in model.state_dict().items() if not k.startswith("vision.")}
+
+
+@torch.no_grad()
+def export_model(model: VisionLanguageModel, cfg: RunConfig, out_dir: str | Path, merge_lora: bool = False) -> Path:
+    """Write ``model`` to ``out_dir`` (replaced atomically). The model itself is not modified."""
+    out_dir = Path(out_dir)
+    tmp = out_dir.parent / f"{TMP_PREFIX}{out_dir.name}"
+    shutil.rmtree(tmp, ignore_errors=True)
+    tmp.mkdir(parents=True)
+
+    peft_model = model.vision.model
+    peft_model.save_pretrained(str(tmp / ADAPTER_DIR))
+    encoder = copy.deepcopy(peft_model).cpu()
+    backbone = encoder.merge_and_unload() if merge_lora else encoder.unload()
+    backbone.save_pretrained(str(tmp / BACKBONE_DIR))
+    save_weights(_non_vision_state(model), tmp / MODEL_FILE)
+    model.tokenizer.save(tmp / TOKENIZER_DIR)
+
+    exported = config_from_dict(cfg.to_dict())
+    exported.model.vision.pretrained = BACKBONE_DIR
+    exported.model.vision.random_init = False
+    exported.model.text.tokenizer = TOKENIZER_DIR
+    save_config(exported, tmp / "config.yaml")
+    (tmp / EXPORT_MARKER).write_text(json.dumps({"format": "loravl-export", "version": 1,
+                                                 "lora_merged": merge_lora}, indent=1))
+    if out_dir.exists():
+        shutil.rmtree(out_dir)
+    os.rename(tmp, out_dir)
+    return out_dir
+
+
+def load_exported(folder: str | Path) -> tuple[VisionLanguageModel, RunConfig]:
+    folder = Path(folder)
+    info = json.loads((folder / EXPORT_MARKER).read_text())
+    from .config import load_config
+
+    cfg = load_config(folder / "config.yaml")
+    cfg.model.vision.pretrained = str(folder / BACKBONE_DIR)
+    cfg.model.text.tokenizer = str(folder / TOKENIZER_DIR)
+    model = build_model(cfg, caption_tokenizer(folder / TOKENIZER_DIR, cfg))
+    vision_keys = {k for k in model.state_dict() if k.startswith("vision.")}
+    load_weights_into(model, read_weights(folder / MODEL_FILE), allowed_missing=vision_keys)
+    if not info["lora_merged"]:
+        adapter = load_file(str(folder / ADAPTER_DIR / "adapter_model.safetensors"))
+        result = set_peft_model_state_dict(model.vision.model, adapter)
+        if getattr(result, "unexpected_keys", None):
+            raise RuntimeError(f"adapter does not match the encoder: {result.unexpected_keys[:5]}")
+    # Merged: the backbone already holds the adapted weights; the freshly injected LoRA has B = 0, a no-op.
+    return model, cfg

@@ -1,0 +1,114 @@
+"""Checkpoint pieces and load_model, in process with the tiny model (no mocks)."""
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+import torch
+
+from conftest import tiny_batch
+from loravl.checkpoint import (LATEST, Checkpointer, ModelWeights, RNGState, TrainState, list_checkpoints,
+                               load_model, read_train_state)
+from loravl.config import RunConfig
+from loravl.export import export_model
+from loravl.model import VisionLanguageModel
+
+
+def _trained_looking_model(model_cfg, tokenizer) -> VisionLanguageModel:
+    torch.manual_seed(0)
+    model = VisionLanguageModel(model_cfg, tokenizer)
+    with torch.no_grad():  # LoRA B starts at 0 (a no-op); make the adapter matter
+        for name, p in model.lora_parameters():
+            p.add_(0.05 * torch.randn_like(p))
+    # One training forward fills part of the ITC queue, so queue buffers are non-trivial too.
+    model.train()
+    model(**{k: v for k, v in tiny_batch(tokenizer, seed=1).items()})
+    return model.eval()
+
+
+@torch.no_grad()
+def _outputs(model: VisionLanguageModel, batch: dict) -> dict[str, torch.Tensor]:
+    image = model.encode_image(batch["pixel_values"])
+    return {"encoder": image["encoder_tokens"], "image_feat": image["image_feat"],
+            "logits": model.caption_logits(image["image_tokens"], batch["input_ids"], batch["attention_mask"])}
+
+
+def _save(model, cfg, directory: Path, step: int, keep_last: int = 3) -> Path:
+    return Checkpointer(directory, keep_last=keep_last, rank=0, world_size=1).save(
+        step, ModelWeights(model), shared={}, per_rank={"rng": RNGState()},
+        train_state=TrainState(epoch=1, step=step), cfg=cfg, tokenizer=model.tokenizer)
+
+
+def test_load_model_from_checkpoint_and_pointer(tmp_path, tiny_model_config, tiny_tokenizer):
+    cfg = RunConfig(model=tiny_model_config)
+    model = _trained_looking_model(cfg.model, tiny_tokenizer)
+    folder = _save(model, cfg, tmp_path / "ckpt", step=7)
+    batch = tiny_batch(tiny_tokenizer, seed=3)
+    expected = _outputs(model, batch)
+    # The frozen pretrained encoder weights are not in the file (they reload from vision.pretrained)...
+    from safetensors import safe_open
+    with safe_open(str(folder / "model.safetensors"), "pt") as f:
+        keys = set(f.keys())
+    assert not any(k.startswith("vision.") and "lora_" not in k for k in keys)
+    assert any("lora_A" in k for k in keys) and "queue.image_feats" in keys and "text_m.wte.weight" in keys
+    # ...and load_model takes the folder or the directory with its pointer.
+    for path in (folder, tmp_path / "ckpt"):
+        loaded, loaded_cfg = load_model(path)
+        assert not loaded.training
+        assert loaded_cfg.model.text.hidden_size == cfg.model.text.hidden_size
+        got = _outputs(loaded, batch)
+        for name in expected:
+            torch.testing.assert_close(got[name], expected[name], rtol=0, atol=0, msg=name)
+        assert torch.equal(loaded.queue.image_feats, model.queue.image_feats)
+        assert loaded.text.lm_head.weight.data_ptr() == loaded.text.transformer.wte.weight.data_ptr()
+    assert read_train_state(tmp_path / "ckpt").step == 7
+
+
+@pytest.mark.parametrize("merge", [False, True])
+def test_export_round_trip(tmp_path, tiny_model_config, tiny_tokenizer, merge):
+    cfg = RunConfig(model=tiny_model_config)
+    model = _trained_looking_model(cfg.model, tiny_tokenizer)
+    batch = tiny_batch(tiny_tokenizer, seed=4)
+    expected = _outputs(model, batch)
+    out = export_model(model, cfg, tmp_path / "export", merge_lora=merge)
+    assert (out / "vision_adapter" / "adapter_config.json").is_file()
+    assert (out / "vision_adapter" / "adapter_model.safetensors").is_file()
+    assert (out / "vision_backbone" / "config.json").is_file()
+    assert json.loads((out / "loravl_export.json").read_text())["lora_merged"] is merge
+    # Exporting leaves the trained model as it was (LoRA still injected, not merged).
+    assert any("lora_A" in n for n, _ in model.named_parameters())
+    loaded, _ = load_model(out)
+    got = _outputs(loaded, batch)
+    tol = dict(rtol=1e-4, atol=1e-5) if merge else dict(rtol=0, atol=0)
+    for name in expected:
+        torch.testing.assert_close(got[name], expected[name], **tol, msg=name)
+    # A merged backbone alone differs from the pretrained one (the adapter is inside it).
+    if merge:
+        from transformers import AutoModel
+        plain = AutoModel.from_pretrained(str(out / "vision_backbone")).state_dict()
+        base = AutoModel.from_pretrained(tiny_model_config.vision.pretrained).state_dict()
+        query = next(k for k in base if "layer.0." in k and ("query" in k or "q_proj" in k) and k.endswith("weight"))
+        assert not torch.equal(plain[query], base[query])
+
+
+def test_keep_last_and_latest_pointer(tmp_path, tiny_model_config, tiny_tokenizer):
+    cfg = RunConfig(model=tiny_model_config)
+    model = _trained_looking_model(cfg.model, tiny_tokenizer)
+    for step in (1, 2, 3, 4):
+        _save(model, cfg, tmp_path / "ckpt", step=step, keep_last=2)
+    assert [p.name for p in list_checkpoints(tmp_path / "ckpt")] == ["step_00000003", "step_00000004"]
+    assert (tmp_path / "ckpt" / LATEST).read_text().strip() == "step_00000004"
+    assert not any(p.name.startswith(".tmp") for p in (tmp_path / "ckpt").iterdir())
+
+
+def test_rng_state_round_trip_with_weights_only_load(tmp_path):
+    import random
+
+    import numpy as np
+    rng = RNGState()
+    torch.save(rng.state_dict(), tmp_path / "rng.pt")
+    expected = (torch.rand(3), np.random.rand(3), random.random())
+    rng.load_state_dict(torch.load(tmp_path / "rng.pt", weights_only=True))
+    got = (torch.rand(3), np.random.rand(3), random.random())
+    assert torch.equal(expected[0], got[0]) and np.array_equal(expected[1], got[1]) and expected[2] == got[2]
