@@ -1,0 +1,303 @@
+"""Captioning images with a trained model: the library side of ``src/generate_captions.py`` and ``model.caption``.
+
+Images are decoded by the data layer (``load_rgb_image``: any mode or bit depth to RGB, a ``Skip`` with the reason
+for a file that cannot be read) and prepared with its eval transform, so captioning sees exactly what validation
+sees. Decoding runs in a small thread pool (PIL releases the GIL while decoding); generation runs batched through
+transformers' ``generate()`` (greedy, beam search or sampling), under bf16 autocast on a GPU.
+"""
+from __future__ import annotations
+
+import argparse
+import contextlib
+import glob
+import json
+import os
+import sys
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
+from pathlib import Path
+from typing import TYPE_CHECKING, Any, Callable, Iterable, Iterator, Optional, Sequence, Union
+
+import torch
+from PIL import Image
+
+from loravl.config import DataConfig
+from loravl.data.formats import IMAGE_EXTENSIONS
+from loravl.data.images import build_transform, load_rgb_image, to_rgb
+from loravl.data.skips import Skip
+
+if TYPE_CHECKING:
+    from loravl.model import VisionLanguageModel
+
+ImageInput = Union[str, os.PathLike, Image.Image]
+
+_GLOB_CHARS = set("*?[")
+
+
+@dataclass(frozen=True)
+class CaptionResult:
+    """One input image: its caption, or why it has none."""
+
+    source: str
+    caption: Optional[str] = None
+    error: Optional[str] = None
+
+
+class ImageReadError(ValueError):
+    """Raised by ``caption`` (the strict API) when some images cannot be read; names each file and reason."""
+
+
+# -- devices and generation options -------------------------------------------------------------------------------
+
+
+def resolve_device(name: Optional[str] = None) -> torch.device:
+    """``None``/"auto": the GPU when there is one, else the CPU."""
+    if name in (None, "", "auto"):
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    device = torch.device(name)
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise ValueError(f"device {name!r} asked for, but no CUDA device is available")
+    return device
+
+
+def autocast_for(device: torch.device) -> contextlib.AbstractContextManager:
+    """bf16 autocast on GPUs that have it (fp16 would need loss scaling we do not have at inference); fp32 on CPU."""
+    if device.type == "cuda" and torch.cuda.is_bf16_supported():
+        return torch.autocast("cuda", dtype=torch.bfloat16)
+    return contextlib.nullcontext()
+
+
+def generation_kwargs(num_beams: int = 1, do_sample: bool = False, top_p: Optional[float] = None,
+                      top_k: Optional[int] = None, temperature: Optional[float] = None) -> dict[str, Any]:
+    """Arguments for transformers' ``generate()``; sampling knobs are passed only with ``do_sample`` (transformers
+    warns about them otherwise)."""
+    if num_beams < 1:
+        raise ValueError(f"num_beams must be >= 1, got {num_beams}")
+    kwargs: dict[str, Any] = {"num_beams": num_beams, "do_sample": do_sample}
+    if do_sample:
+        if top_p is not None:
+            kwargs["top_p"] = top_p
+        if top_k is not None:
+            kwargs["top_k"] = top_k
+        if temperature is not None:
+            kwargs["temperature"] = temperature
+    return kwargs
+
+
+def model_device(model: torch.nn.Module) -> torch.device:
+    return next(model.parameters()).device
+
+
+@torch.no_grad()
+def generate_captions(model: "VisionLanguageModel", pixel_values: torch.Tensor, max_new_tokens: int = 30,
+                      **generate_kwargs: Any) -> list[str]:
+    """Captions for a batch of already-transformed images, on the model's device (bf16 autocast on a GPU)."""
+    device = model_device(model)
+    pixel_values = pixel_values.to(device, non_blocking=True)
+    with autocast_for(device):
+        return model.generate(pixel_values, max_new_tokens=max_new_tokens, **generate_kwargs)
+
+
+# -- inputs -------------------------------------------------------------------------------------------------------
+
+
+def _is_image_name(path: Path) -> bool:
+    return path.suffix.lower().lstrip(".") in IMAGE_EXTENSIONS
+
+
+def expand_image_inputs(inputs: Sequence[Union[str, os.PathLike]]) -> tuple[list[str], list[CaptionResult]]:
+    """Files, folders (searched recursively for image extensions) and glob patterns -> image paths, in order,
+    without repeats. A file named explicitly is kept whatever its extension (the decoder judges it); an input that
+    names nothing becomes an error result."""
+    paths: list[str] = []
+    errors: list[CaptionResult] = []
+    seen: set[str] = set()
+
+    def add(path: Path) -> None:
+        key = str(path)
+        if key not in seen:
+            seen.add(key)
+            paths.append(key)
+
+    for raw in inputs:
+        text = os.fspath(raw)
+        path = Path(text)
+        if path.is_dir():
+            found = sorted(p for p in path.rglob("*") if p.is_file() and _is_image_name(p))
+            if not found:
+                errors.append(CaptionResult(text, error="folder holds no image files"))
+            for p in found:
+                add(p)
+        elif path.exists():
+            add(path)
+        elif _GLOB_CHARS & set(text):
+            matches = sorted(Path(m) for m in glob.glob(text, recursive=True))
+            files = [m for m in matches if m.is_file()]
+            if not files:
+                errors.append(CaptionResult(text, error="no files match this pattern"))
+            for m in files:
+                add(m)
+        else:
+            errors.append(CaptionResult(text, error="no such file or folder"))
+    return paths, errors
+
+
+def describe_skip(skip: Skip) -> str:
+    return f"{skip.reason} ({skip.detail})" if skip.detail else skip.reason
+
+
+class ImagePreparer:
+    """Path or PIL image -> eval tensor [3, S, S], or a ``Skip``. Uses the data layer's loader and transform."""
+
+    def __init__(self, image_size: int, max_pixels: int, min_size: int):
+        self.image_size = image_size
+        self.max_pixels = max_pixels
+        self.min_size = min_size
+        self.transform = build_transform(image_size, train=False)
+
+    def __call__(self, image: ImageInput) -> Union[torch.Tensor, Skip]:
+        if isinstance(image, Image.Image):
+            try:
+                rgb = to_rgb(image)
+            except Exception as e:  # noqa: BLE001 - an odd in-memory image is one failure, not the whole batch
+                return Skip("read_error", f"{type(e).__name__}: {e}")
+        else:
+            loaded = load_rgb_image(image, max_pixels=self.max_pixels, min_size=self.min_size,
+                                    target_size=self.image_size)
+            if isinstance(loaded, Skip):
+                return loaded
+            rgb = loaded
+        return self.transform(rgb)
+
+
+def _source_name(image: ImageInput, index: int) -> str:
+    return f"<image {index}>" if isinstance(image, Image.Image) else os.fspath(image)
+
+
+def caption_images(model: "VisionLanguageModel", images: Iterable[ImageInput], *, batch_size: int = 64,
+                   max_new_tokens: int = 30, data_cfg: Optional[DataConfig] = None, num_workers: Optional[int] = None,
+                   **generate_kwargs: Any) -> Iterator[CaptionResult]:
+    """Caption each image (path or PIL image), batch by batch, in input order; unreadable ones come back as
+    results with ``error`` set instead of stopping the rest. ``generate_kwargs`` go to ``generate()``."""
+    if batch_size < 1:
+        raise ValueError(f"batch_size must be >= 1, got {batch_size}")
+    data_cfg = data_cfg or DataConfig()
+    prepare = ImagePreparer(model.cfg.vision.image_size, data_cfg.max_image_pixels, data_cfg.min_image_size)
+    num_workers = num_workers if num_workers is not None else min(4, os.cpu_count() or 1)
+    was_training = model.training
+    model.eval()
+    try:
+        with ThreadPoolExecutor(max_workers=max(1, num_workers)) as pool:
+            batch: list[tuple[int, ImageInput]] = []
+            for index, image in enumerate(images):
+                batch.append((index, image))
+                if len(batch) == batch_size:
+                    yield from _caption_batch(model, batch, prepare, pool.map, max_new_tokens, generate_kwargs)
+                    batch = []
+            if batch:
+                yield from _caption_batch(model, batch, prepare, pool.map, max_new_tokens, generate_kwargs)
+    finally:
+        model.train(was_training)
+
+
+def _caption_batch(model: "VisionLanguageModel", batch: list[tuple[int, ImageInput]],
+                   prepare: Callable[[ImageInput], Union[torch.Tensor, Skip]], map_fn: Callable,
+                   max_new_tokens: int, generate_kwargs: dict[str, Any]) -> list[CaptionResult]:
+    prepared = list(map_fn(prepare, [image for _, image in batch]))
+    good = [i for i, p in enumerate(prepared) if isinstance(p, torch.Tensor)]
+    captions: dict[int, str] = {}
+    if good:
+        pixel_values = torch.stack([prepared[i] for i in good])
+        for i, text in zip(good, generate_captions(model, pixel_values, max_new_tokens, **generate_kwargs)):
+            captions[i] = text
+    results = []
+    for i, (index, image) in enumerate(batch):
+        name = _source_name(image, index)
+        item = prepared[i]
+        if isinstance(item, Skip):
+            results.append(CaptionResult(name, error=describe_skip(item)))
+        else:
+            results.append(CaptionResult(name, caption=captions[i]))
+    return results
+
+
+def caption(model: "VisionLanguageModel", images: Union[ImageInput, Sequence[ImageInput]], *,
+            batch_size: int = 64, max_new_tokens: int = 30, **generate_kwargs: Any) -> list[str]:
+    """The strict API behind ``model.caption``: one caption per image (a single image gives a one-item list);
+    raises ``ImageReadError`` naming every image that could not be read."""
+    if isinstance(images, (str, os.PathLike, Image.Image)):
+        images = [images]
+    results = list(caption_images(model, images, batch_size=batch_size, max_new_tokens=max_new_tokens,
+                                  **generate_kwargs))
+    failed = [r for r in results if r.error is not None]
+    if failed:
+        raise ImageReadError("cannot read " + "; ".join(f"{r.source}: {r.error}" for r in failed))
+    return [r.caption or "" for r in results]
+
+
+# -- command line -------------------------------------------------------------------------------------------------
+
+
+def build_arg_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="generate_captions.py",
+        description="Caption images with a trained loravl model; prints 'path<TAB>caption' per image.")
+    parser.add_argument("--checkpoint", required=True,
+                        help="training checkpoint folder, a checkpoint dir with a 'latest' pointer "
+                             "(or its 'latest'), or an exported model folder")
+    parser.add_argument("--images", nargs="+", required=True, help="image files, folders and glob patterns")
+    parser.add_argument("--batch_size", type=int, default=64)
+    parser.add_argument("--num_beams", type=int, default=1)
+    parser.add_argument("--max_new_tokens", type=int, default=30)
+    parser.add_argument("--do_sample", action="store_true", help="sample instead of greedy/beam decoding")
+    parser.add_argument("--top_p", type=float, default=None)
+    parser.add_argument("--top_k", type=int, default=None)
+    parser.add_argument("--temperature", type=float, default=None)
+    parser.add_argument("--seed", type=int, default=None, help="seed for --do_sample")
+    parser.add_argument("--output", default=None, help="also write JSONL lines {image, caption}")
+    parser.add_argument("--device", default=None, help="cpu, cuda, cuda:1 (default: cuda when available)")
+    parser.add_argument("--num_workers", type=int, default=None, help="image decoding threads")
+    return parser
+
+
+def main(argv: Optional[Sequence[str]] = None) -> int:
+    """Exit status 0 when at least one image was captioned, 1 when none was."""
+    args = build_arg_parser().parse_args(argv)
+    try:
+        gen_kwargs = generation_kwargs(args.num_beams, args.do_sample, args.top_p, args.top_k, args.temperature)
+        device = resolve_device(args.device)
+    except ValueError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    paths, input_errors = expand_image_inputs(args.images)
+    for result in input_errors:
+        print(f"error: {result.source}: {result.error}", file=sys.stderr)
+    if not paths:
+        print("error: no images to caption", file=sys.stderr)
+        return 1
+
+    from loravl.checkpoint import load_model  # the trainer's loader: checkpoint folders and exported models
+
+    model, run_cfg = load_model(args.checkpoint, device)
+    if args.seed is not None:
+        torch.manual_seed(args.seed)
+
+    captioned = 0
+    output = open(args.output, "w", encoding="utf-8") if args.output else None
+    try:
+        for result in caption_images(model, paths, batch_size=args.batch_size, max_new_tokens=args.max_new_tokens,
+                                     data_cfg=run_cfg.data, num_workers=args.num_workers, **gen_kwargs):
+            if result.error is not None:
+                print(f"error: {result.source}: {result.error}", file=sys.stderr, flush=True)
+                continue
+            captioned += 1
+            print(f"{result.source}\t{result.caption}", flush=True)
+            if output is not None:
+                output.write(json.dumps({"image": result.source, "caption": result.caption}) + "\n")
+    finally:
+        if output is not None:
+            output.close()
+    failed = len(paths) - captioned
+    print(f"captioned {captioned} of {len(paths)} images" + (f", {failed} unreadable" if failed else ""),
+          file=sys.stderr)
+    return 0 if captioned else 1
