@@ -35,6 +35,9 @@ class LoraConfig:
     target_modules: list[str] = field(default_factory=lambda: ["query", "value"])
     # lora | lora_fa (A frozen at its random init, only B trains)
     variant: str = "lora"
+    # FastViT backbones only: LoRA goes on every dense (groups == 1) Conv2d of these stages, and target_modules
+    # is not used. See docs/lora_variants.md.
+    stages: list[int] = field(default_factory=lambda: [0, 1, 2, 3])
 
     def validate(self, prefix: str) -> None:
         _check(self.rank > 0, prefix, "rank", "must be > 0")
@@ -42,6 +45,9 @@ class LoraConfig:
         _check(0.0 <= self.dropout < 1.0, prefix, "dropout", "must be in [0, 1)")
         _check(len(self.target_modules) > 0, prefix, "target_modules", "must name at least one module")
         _check(self.variant in ("lora", "lora_fa"), prefix, "variant", "must be 'lora' or 'lora_fa'")
+        _check(len(self.stages) > 0 and len(set(self.stages)) == len(self.stages)
+               and all(0 <= s <= 3 for s in self.stages), prefix, "stages",
+               "must list distinct FastViT stage indices in 0..3")
 
 
 @dataclass
@@ -57,6 +63,8 @@ class VisionConfig:
     lora: LoraConfig = field(default_factory=LoraConfig)
 
     def validate(self, prefix: str) -> None:
+        _check(self.backbone == "dinov2" or self.backbone.startswith("fastvit_"), prefix, "backbone",
+               "must be 'dinov2' or a timm FastViT name such as fastvit_t8")
         _check(self.image_size > 0, prefix, "image_size", "must be > 0")
         _check(bool(self.pretrained), prefix, "pretrained", "must name a model")
         _check(self.attn_implementation in ("sdpa", "eager"), prefix, "attn_implementation",
@@ -84,7 +92,8 @@ class TextConfig:
     tokenizer: Optional[str] = None
     vocab_size: int = 8192
     max_length: int = 40
-    num_layers: int = 6
+    # 5 layers x 512 wide with cross-attention and an 8,192 BPE vocabulary: ~25M parameters
+    num_layers: int = 5
     hidden_size: int = 512
     num_heads: int = 8
     dropout: float = 0.1
