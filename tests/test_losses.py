@@ -90,3 +90,13 @@ def test_lm_loss_ignores_padding():
     assert torch.allclose(loss, expected)
     logits[0, 3:] = 1e3  # positions predicting padding do not count
     assert torch.allclose(lm_loss(logits, ids, mask, 0.0), expected)
+
+
+def test_queue_fill_level_survives_a_state_dict_round_trip():
+    q = FeatureQueue(size=4, embed_dim=2)
+    q.enqueue(torch.ones(3, 2), torch.ones(3, 2), torch.tensor([0, 1, 2]))
+    restored = FeatureQueue(size=4, embed_dim=2)
+    restored.load_state_dict(q.state_dict())
+    assert restored.valid() == slice(0, 3)
+    restored.enqueue(torch.ones(3, 2), torch.ones(3, 2), torch.tensor([3, 4, 5]))
+    assert restored.valid() == slice(0, 4) and int(restored.filled) == 4 and int(restored.ptr) == 2

@@ -31,6 +31,7 @@ class FeatureQueue(nn.Module):
         self.register_buffer("ptr", torch.zeros((), dtype=torch.long))
         self.register_buffer("filled", torch.zeros((), dtype=torch.long))
         self.keep_fusion_inputs = keep_fusion_inputs
+        self._filled_host: Optional[int] = 0
         if keep_fusion_inputs:
             assert image_tokens_shape is not None and text_length is not None
             self.register_buffer("image_tokens", torch.zeros(size, *image_tokens_shape))
@@ -38,7 +39,14 @@ class FeatureQueue(nn.Module):
             self.register_buffer("text_mask", torch.zeros(size, text_length, dtype=torch.long))
 
     def valid(self) -> slice:
-        return slice(0, int(self.filled))
+        # The fill level is mirrored on the host so that reading it does not synchronise with the GPU every step.
+        if self._filled_host is None:
+            self._filled_host = int(self.filled)
+        return slice(0, self._filled_host)
+
+    def _load_from_state_dict(self, *args, **kwargs):
+        super()._load_from_state_dict(*args, **kwargs)
+        self._filled_host = None
 
     @torch.no_grad()
     def enqueue(self, image_feats: torch.Tensor, text_feats: torch.Tensor, image_ids: torch.Tensor,
@@ -47,6 +55,7 @@ class FeatureQueue(nn.Module):
         n = image_feats.shape[0]
         if n == 0 or self.size == 0:
             return
+        filled_before = self.valid().stop
         if n > self.size:  # keep only the newest entries
             image_feats, text_feats, image_ids = image_feats[-self.size:], text_feats[-self.size:], image_ids[-self.size:]
             if self.keep_fusion_inputs:
@@ -62,6 +71,7 @@ class FeatureQueue(nn.Module):
             self.text_mask[slots] = text_mask
         self.ptr.copy_((self.ptr + n) % self.size)
         self.filled.copy_(torch.clamp(self.filled + n, max=self.size))
+        self._filled_host = min(filled_before + n, self.size)
 
 
 def itc_loss(image_feat: torch.Tensor, text_feat: torch.Tensor,
@@ -108,19 +118,18 @@ def sample_hard_negatives(weights: torch.Tensor, positive_mask: torch.Tensor,
     ``torch.multinomial`` rejects rows whose weights are all zero or non-finite (every candidate a caption of the
     same image, a batch of one, overflow). A row whose weights vanish but which has non-positive candidates falls
     back to uniform over them; a row with no non-positive candidate at all gets no negative: ``has_negative`` is
-    False there and its index is -1.
+    False there and its index is -1. No host synchronisation: every row is drawn, the invalid ones are masked after.
     """
     weights = torch.nan_to_num(weights.float(), nan=0.0, posinf=0.0, neginf=0.0).clamp(min=0.0)
     weights = weights.masked_fill(positive_mask, 0.0)
     candidates = ~positive_mask
     has_negative = candidates.any(dim=1)
-    degenerate = has_negative & ~(weights.sum(dim=1) > 0)
-    weights = torch.where(degenerate[:, None], candidates.float(), weights)
-    index = torch.full((weights.shape[0],), -1, dtype=torch.long, device=weights.device)
-    if has_negative.any():
-        drawn = torch.multinomial(weights[has_negative], 1, generator=generator).squeeze(1)
-        index[has_negative] = drawn
-    return index, has_negative
+    degenerate = ~(weights.sum(dim=1) > 0)
+    # Rows without any candidate draw from a dummy uniform row; their draw is discarded below.
+    fallback = torch.where(has_negative[:, None], candidates.float(), torch.ones_like(weights))
+    weights = torch.where(degenerate[:, None], fallback, weights)
+    index = torch.multinomial(weights, 1, generator=generator).squeeze(1)
+    return torch.where(has_negative, index, torch.full_like(index, -1)), has_negative
 
 
 def lm_loss(logits: torch.Tensor, input_ids: torch.Tensor, attention_mask: torch.Tensor,

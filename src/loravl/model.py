@@ -192,12 +192,16 @@ class VisionLanguageModel(nn.Module):
                 "itm_accuracy": itm["itm_accuracy"], "temperature": temperature.detach()}
 
     def _itm_loss(self, image_tokens: torch.Tensor, text_states: torch.Tensor, mask: torch.Tensor,
-                  num_positive: int) -> dict[str, torch.Tensor]:
+                  pair_is_valid: torch.Tensor) -> dict[str, torch.Tensor]:
+        """Positives first (label 1), then negatives (label 0); pairs whose negative does not exist weigh 0."""
         logits = self.itm_logits(image_tokens, text_states, mask)
+        num_positive = logits.shape[0] - pair_is_valid.shape[0]
         labels = torch.zeros(logits.shape[0], dtype=torch.long, device=logits.device)
         labels[:num_positive] = 1
-        loss = F.cross_entropy(logits.float(), labels)
-        accuracy = (logits.argmax(dim=1) == labels).float().mean().detach()
+        weight = torch.cat([torch.ones(num_positive, device=logits.device), pair_is_valid.float()])
+        per_pair = F.cross_entropy(logits.float(), labels, reduction="none")
+        loss = (per_pair * weight).sum() / weight.sum()
+        accuracy = (((logits.argmax(dim=1) == labels).float() * weight).sum() / weight.sum()).detach()
         return {"loss_itm": loss, "itm_accuracy": accuracy}
 
     def _itm_batch_negatives(self, image: dict, text: dict, mask: torch.Tensor, image_ids: torch.Tensor,
@@ -216,17 +220,21 @@ class VisionLanguageModel(nn.Module):
             weights_t2i = hard_negative_weights(text["text_feat"] @ image_feat_global.t() / temperature, positive)
             hard_negative_texts, has_text = sample_hard_negatives(weights_i2t, positive)
             hard_negative_images, has_image = sample_hard_negatives(weights_t2i, positive)
-            hard_negative_texts, hard_negative_images = hard_negative_texts[has_text], hard_negative_images[has_image]
+            # Rows without a negative keep a dummy index (0) and weigh 0 in the loss: no host sync, fixed shapes.
+            hard_negative_texts, hard_negative_images = hard_negative_texts.clamp(min=0), hard_negative_images.clamp(min=0)
 
-        pair_images = torch.cat([image_tokens, image_tokens[has_text], image_tokens_global[hard_negative_images]])
-        pair_texts = torch.cat([text_states, text_states_global[hard_negative_texts], text_states[has_image]])
-        pair_masks = torch.cat([mask, mask_global[hard_negative_texts], mask[has_image]])
-        return self._itm_loss(pair_images, pair_texts, pair_masks, image_tokens.shape[0])
+        pair_images = torch.cat([image_tokens, image_tokens, image_tokens_global[hard_negative_images]])
+        pair_texts = torch.cat([text_states, text_states_global[hard_negative_texts], text_states])
+        pair_masks = torch.cat([mask, mask_global[hard_negative_texts], mask])
+        return self._itm_loss(pair_images, pair_texts, pair_masks, torch.cat([has_text, has_image]))
 
     def _itm_queue_negatives(self, image: dict, text: dict, mask: torch.Tensor, image_ids: torch.Tensor,
                              temperature: torch.Tensor) -> dict[str, torch.Tensor]:
         """As above, but the negatives come from the queue: its image tokens, and its texts re-encoded."""
         q = self.queue.valid()
+        if q.stop == 0:  # the queue is still empty (first step): positives only
+            empty = torch.zeros(0, dtype=torch.bool, device=mask.device)
+            return self._itm_loss(image["image_tokens"], text["text_states"], mask, empty)
         with torch.no_grad():
             positive = image_ids[:, None] == self.queue.image_ids[q][None, :]
             text_feats = self.queue.text_feats[q].to(text["text_feat"].dtype)
@@ -235,19 +243,16 @@ class VisionLanguageModel(nn.Module):
             weights_t2i = hard_negative_weights(text["text_feat"] @ image_feats.t() / temperature, positive)
             hard_negative_texts, has_text = sample_hard_negatives(weights_i2t, positive)
             hard_negative_images, has_image = sample_hard_negatives(weights_t2i, positive)
-            hard_negative_texts, hard_negative_images = hard_negative_texts[has_text], hard_negative_images[has_image]
+            hard_negative_texts, hard_negative_images = hard_negative_texts.clamp(min=0), hard_negative_images.clamp(min=0)
             negative_ids = self.queue.text_ids[hard_negative_texts]
             negative_mask = self.queue.text_mask[hard_negative_texts]
             negative_image_tokens = self.queue.image_tokens[hard_negative_images].to(image["image_tokens"].dtype)
-        if negative_ids.shape[0] > 0:
-            negative_text_states = encode_text(self.text.transformer, negative_ids, negative_mask)
-        else:  # the queue is still empty (first step)
-            negative_text_states = text["text_states"][:0]
+        negative_text_states = encode_text(self.text.transformer, negative_ids, negative_mask)
 
-        pair_images = torch.cat([image["image_tokens"], image["image_tokens"][has_text], negative_image_tokens])
-        pair_texts = torch.cat([text["text_states"], negative_text_states, text["text_states"][has_image]])
-        pair_masks = torch.cat([mask, negative_mask, mask[has_image]])
-        return self._itm_loss(pair_images, pair_texts, pair_masks, image["image_tokens"].shape[0])
+        pair_images = torch.cat([image["image_tokens"], image["image_tokens"], negative_image_tokens])
+        pair_texts = torch.cat([text["text_states"], negative_text_states, text["text_states"]])
+        pair_masks = torch.cat([mask, negative_mask, mask])
+        return self._itm_loss(pair_images, pair_texts, pair_masks, torch.cat([has_text, has_image]))
 
     def parameter_budget(self) -> dict[str, int]:
         """Parameter counts by component (momentum copies and buffers excluded)."""
