@@ -7,6 +7,7 @@ so a resumed epoch reproduces the same samples whatever the number of workers.
 from __future__ import annotations
 
 import hashlib
+import itertools
 import multiprocessing
 import random
 from dataclasses import dataclass
@@ -89,17 +90,23 @@ class CaptionDataset(Dataset):
 class StreamingCaptionDataset(IterableDataset):
     """Streams a ``ShardSource`` split over ranks and workers, resumable from ``state_dict()``.
 
-    Each epoch the shard order is shuffled by (seed, epoch) (train only; there is no in-shard shuffle, so shards
-    should be written in random order, as img2dataset does). With at least as many shards as global workers
+    Each epoch (train only) the shard order is shuffled by (seed, epoch), and each shard is read in windows of
+    ``window`` raw samples (still undecoded bytes) shuffled by (seed, epoch, shard, window start): a block shuffle
+    that resumes exactly, unlike a running shuffle buffer. With at least as many shards as global workers
     (world_size x num_workers), worker g reads shards[g::total]; with fewer, every worker reads every shard and keeps
     raw samples g, g+total, ... so nothing is read twice by the same rank's batches and nothing is lost.
 
-    The position (epoch, shard index in this worker's list, raw samples consumed in it) is what StatefulDataLoader
-    saves per worker; on resume the worker skips that many raw samples without decoding them.
+    The position (epoch, shard index in this worker's list, samples consumed in it, raw samples consumed in the
+    epoch) is what StatefulDataLoader saves per worker; on resume the worker skips to the window holding that
+    position without decoding anything it skips.
     """
 
-    def __init__(self, source: ShardSource, builder: SampleBuilder, *, shuffle: bool, seed: int) -> None:
+    def __init__(self, source: ShardSource, builder: SampleBuilder, *, shuffle: bool, seed: int,
+                 window: int = 256) -> None:
+        if window < 1:
+            raise ValueError("window must be >= 1")
         self.source = source
+        self.window = window
         self.builder = builder
         self.shuffle = shuffle
         self.seed = seed
@@ -159,17 +166,31 @@ class StreamingCaptionDataset(IterableDataset):
         shards, stride, me = self._plan(epoch)
         raw = start["raw"]
         for shard_pos in range(start["shard_pos"], len(shards)):
+            shard = shards[shard_pos]
             offset = start["offset"] if shard_pos == start["shard_pos"] else 0
-            for record in self.source.iter_shard(shards[shard_pos], offset):
-                if isinstance(record, Skip) and record.reason == skips.UNREADABLE_SHARD:
-                    if stride == 1 or shards[shard_pos] % stride == me:  # report a broken shard once
-                        yield record
-                    continue
-                offset += 1
-                raw += 1
-                self._position = {"epoch": epoch, "shard_pos": shard_pos, "offset": offset, "raw": raw}
-                if (raw - 1) % stride != me:
-                    continue
-                key = record.image_id if isinstance(record, RawRecord) else raw
-                yield self.builder.build(record, epoch, key)
+            # Resume at the start of the window holding `offset`: re-reading one window is cheap (no decoding),
+            # and rebuilds the same shuffled window.
+            window_start = offset - offset % self.window
+            records = self.source.iter_shard(shard, window_start)
+            while True:
+                window = list(itertools.islice(records, self.window))
+                broken = [r for r in window if isinstance(r, Skip) and r.reason == skips.UNREADABLE_SHARD]
+                window = [r for r in window
+                          if not (isinstance(r, Skip) and r.reason == skips.UNREADABLE_SHARD)]
+                if broken and (stride == 1 or shard % stride == me):  # report a broken shard once
+                    yield broken[0]
+                if not window:
+                    break
+                if self.shuffle:
+                    random.Random(sample_seed("window", self.seed, epoch, shard, window_start)).shuffle(window)
+                for k in range(offset - window_start, len(window)):
+                    record = window[k]
+                    offset = window_start + k + 1
+                    raw += 1
+                    self._position = {"epoch": epoch, "shard_pos": shard_pos, "offset": offset, "raw": raw}
+                    if (raw - 1) % stride != me:
+                        continue
+                    key = record.image_id if isinstance(record, RawRecord) else raw
+                    yield self.builder.build(record, epoch, key)
+                window_start += len(window)
             self._position = {"epoch": epoch, "shard_pos": shard_pos + 1, "offset": 0, "raw": raw}

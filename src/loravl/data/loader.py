@@ -52,7 +52,8 @@ def build_dataset(cfg: DataConfig, split: str, image_size: int, *, train: Option
         image_size=image_size, train=train, seed=0, max_pixels=cfg.max_image_pixels, min_size=cfg.min_image_size,
         decode_size=decode_target_size(image_size, train, cfg.crop_scale_min))
     if is_streaming(source):
-        return StreamingCaptionDataset(source, builder, shuffle=train, seed=0)  # type: ignore[arg-type]
+        return StreamingCaptionDataset(source, builder, shuffle=train, seed=0,  # type: ignore[arg-type]
+                                       window=cfg.stream_shuffle_window)
     return CaptionDataset(source, builder)  # type: ignore[arg-type]
 
 

@@ -1,0 +1,394 @@
+"""The data layer through its public API: every format gives the same samples, broken files are skipped and
+counted, ranks split an epoch, and a resumed loader continues exactly where it stopped."""
+from __future__ import annotations
+
+import csv
+import io
+import json
+import os
+import shutil
+import struct
+import subprocess
+import sys
+import tarfile
+import zlib
+from collections import Counter
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "src"))
+
+from loravl.config import ConfigError, DataConfig  # noqa: E402
+from loravl.data import (COLOURS, RELATIONS, SHAPES, DataFormatError, TooManySkippedError,  # noqa: E402
+                         build_dataloader, build_dataset, ensure_demo_data, load_rgb_image)
+from loravl.data.skips import Skip  # noqa: E402
+
+IMAGE_SIZE = 32
+TRAIN_SIZE, VAL_SIZE = 24, 12
+
+
+# Demo data and converters into every format
+
+
+@pytest.fixture(scope="module")
+def demo_root(tmp_path_factory) -> Path:
+    return ensure_demo_data(tmp_path_factory.mktemp("demo") / "demo", train_size=TRAIN_SIZE, val_size=VAL_SIZE,
+                            image_size=48, seed=0)
+
+
+def demo_rows(root: Path, split: str) -> list[dict]:
+    lines = (root / split / "captions.jsonl").read_text().splitlines()
+    return [json.loads(line) for line in lines]
+
+
+def write_coco(root: Path, rows: list[dict], src: Path) -> Path:
+    """COCO layout: annotations/captions_val2017.json + val2017/<file_name>."""
+    (root / "annotations").mkdir(parents=True)
+    (root / "val2017").mkdir()
+    images, annotations = [], []
+    for i, row in enumerate(rows):
+        name = f"{i:012d}.png"
+        shutil.copy(src / row["image"], root / "val2017" / name)
+        images.append({"id": 1000 + i, "file_name": name, "width": 48, "height": 48})
+        annotations.append({"id": i, "image_id": 1000 + i, "caption": row["caption"]})
+    path = root / "annotations" / "captions_val2017.json"
+    path.write_text(json.dumps({"images": images, "annotations": annotations}))
+    return path
+
+
+def write_karpathy(root: Path, rows: list[dict], src: Path) -> Path:
+    root.mkdir(parents=True)
+    shutil.copytree(src / "images", root / "val2014")
+    entries = [{"image": "val2014/" + Path(r["image"]).name, "caption": [r["caption"]], "image_id": f"coco_{i}"}
+               for i, r in enumerate(rows)]
+    (root / "coco_karpathy_val.json").write_text(json.dumps(entries))
+    return root / "coco_karpathy_val.json"
+
+
+def write_csv(root: Path, rows: list[dict], src: Path) -> Path:
+    root.mkdir(parents=True)
+    shutil.copytree(src / "images", root / "pics")
+    with open(root / "pairs.csv", "w", newline="") as f:
+        writer = csv.DictWriter(f, fieldnames=["url", "text"])
+        writer.writeheader()
+        for r in rows:
+            writer.writerow({"url": "pics/" + Path(r["image"]).name, "text": r["caption"]})
+    return root / "pairs.csv"
+
+
+def write_imagefolder(root: Path, rows: list[dict], src: Path) -> Path:
+    root.mkdir(parents=True)
+    with open(root / "metadata.jsonl", "w") as f:
+        for r in rows:
+            name = Path(r["image"]).name
+            shutil.copy(src / r["image"], root / name)
+            f.write(json.dumps({"file_name": name, "caption": r["caption"]}) + "\n")
+    return root
+
+
+def write_shards(root: Path, rows: list[dict], src: Path, per_shard: int) -> str:
+    """WebDataset tars: <key>.png + <key>.json ({"caption": ...}) or .txt, alternating."""
+    root.mkdir(parents=True)
+    count = 0
+    for shard in range(0, len(rows), per_shard):
+        with tarfile.open(root / f"{count:05d}.tar", "w") as tar:
+            for i, r in enumerate(rows[shard:shard + per_shard], start=shard):
+                caption_ext, caption = (("json", json.dumps({"caption": r["caption"]})) if i % 2
+                                        else ("txt", r["caption"]))
+                for ext, data in (("png", (src / r["image"]).read_bytes()), (caption_ext, caption.encode())):
+                    info = tarfile.TarInfo(f"{i:06d}.{ext}")
+                    info.size = len(data)
+                    tar.addfile(info, io.BytesIO(data))
+        count += 1
+    return str(root / ("{00000..%05d}.tar" % (count - 1)))
+
+
+def epoch_samples(cfg: DataConfig, split: str = "val", num_workers: int = 0) -> list[tuple[str, bytes]]:
+    """(caption, pixel bytes) of one eval epoch, through the public API."""
+    loader = build_dataloader(build_dataset(cfg, split, IMAGE_SIZE), cfg, 5, train=False, seed=0,
+                              num_workers=num_workers, drop_last=False)
+    out = []
+    for batch in loader:
+        assert batch["pixel_values"].shape[1:] == (3, IMAGE_SIZE, IMAGE_SIZE)
+        assert batch["pixel_values"].dtype == torch.float32 and batch["image_ids"].dtype == torch.long
+        assert not batch["skipped"]
+        out += [(c, p.numpy().tobytes()) for c, p in zip(batch["captions"], batch["pixel_values"])]
+    return out
+
+
+def test_every_format_reads_the_same_demo_content(demo_root, tmp_path):
+    rows = demo_rows(demo_root, "val")
+    src = demo_root / "val"
+    cfgs = {
+        "demo": DataConfig(format="demo", train_path=str(demo_root), demo_train_size=TRAIN_SIZE,
+                           demo_val_size=VAL_SIZE, demo_image_size=48),
+        "jsonl": DataConfig(format="jsonl", train_path="unused", val_path=str(src / "captions.jsonl")),
+        "coco": DataConfig(format="coco", train_path="unused", val_path=str(write_coco(tmp_path / "coco", rows, src))),
+        "karpathy": DataConfig(format="karpathy", train_path="unused",
+                               val_path=str(write_karpathy(tmp_path / "karpathy", rows, src))),
+        "csv": DataConfig(format="csv", train_path="unused", val_path=str(write_csv(tmp_path / "csv", rows, src)),
+                          image_column="url", text_column="text"),
+        "hf": DataConfig(format="hf", train_path="unused",
+                         val_path=str(write_imagefolder(tmp_path / "hf", rows, src))),
+        "webdataset": DataConfig(format="webdataset", train_path="unused",
+                                 val_path=write_shards(tmp_path / "wds", rows, src, per_shard=5)),
+    }
+    cfgs["hf_streaming"] = DataConfig(format="hf", train_path="unused", val_path=cfgs["hf"].val_path, streaming=True)
+    expected = sorted(epoch_samples(cfgs["jsonl"]))
+    assert len(expected) == VAL_SIZE
+    assert [c for c, _ in expected] == sorted(r["caption"] for r in rows)
+    for name, cfg in cfgs.items():
+        assert sorted(epoch_samples(cfg)) == expected, name
+
+
+def test_hf_saved_dataset_and_missing_column(demo_root, tmp_path):
+    import datasets
+
+    rows = demo_rows(demo_root, "val")
+    folder = write_imagefolder(tmp_path / "imgs", rows, demo_root / "val")
+    saved = tmp_path / "saved"
+    datasets.load_dataset(str(folder), split="train").rename_column("caption", "text").save_to_disk(str(saved))
+    cfg = DataConfig(format="hf", train_path=str(saved), text_column="text")
+    assert sorted(c for c, _ in epoch_samples(cfg, "train")) == sorted(r["caption"] for r in rows)
+    with pytest.raises(ConfigError, match=r"no column 'caption' \(data.text_column\)"):
+        build_dataset(DataConfig(format="hf", train_path=str(saved)), "train", IMAGE_SIZE)
+
+
+def test_wrong_paths_and_columns_fail_at_start_naming_them(demo_root, tmp_path):
+    manifest = demo_root / "train" / "captions.jsonl"
+    cases = [
+        (DataConfig(format="jsonl", train_path=str(tmp_path / "nope.jsonl")), "nope.jsonl"),
+        (DataConfig(format="jsonl", train_path=str(manifest), text_column="text"), "no field 'text'"),
+        (DataConfig(format="coco", train_path=str(tmp_path / "captions.json")), "captions.json"),
+        (DataConfig(format="webdataset", train_path=str(tmp_path / "s-{000..002}.tar")), "s-000.tar"),
+        (DataConfig(format="hf", train_path=str(tmp_path / "no_dataset")), "no_dataset"),
+    ]
+    for cfg, message in cases:
+        with pytest.raises(DataFormatError, match=message):
+            build_dataset(cfg, "train", IMAGE_SIZE)
+    assert issubclass(DataFormatError, ValueError)
+
+
+def test_several_captions_per_image_share_an_id(tmp_path, demo_root):
+    (tmp_path / "a.png").write_bytes((demo_root / "val/images/000000.png").read_bytes())
+    (tmp_path / "b.png").write_bytes((demo_root / "val/images/000001.png").read_bytes())
+    lines = [{"image": "a.png", "caption": f"first {i}"} for i in range(4)] + [{"image": "b.png", "caption": "b"}]
+    (tmp_path / "m.jsonl").write_text("\n".join(json.dumps(x) for x in lines))
+    cfg = DataConfig(format="jsonl", train_path=str(tmp_path / "m.jsonl"), val_path=str(tmp_path / "m.jsonl"))
+    val = next(iter(build_dataloader(build_dataset(cfg, "val", IMAGE_SIZE), cfg, 8, train=False, seed=0,
+                                     num_workers=0)))
+    assert val["image_ids"].tolist() == [0, 1]
+    assert val["all_captions"] == [[f"first {i}" for i in range(4)], ["b"]]
+    # Training draws one caption per image per epoch, the same for the same (seed, epoch).
+    train = build_dataset(cfg, "train", IMAGE_SIZE)
+    build_dataloader(train, cfg, 2, train=True, seed=5, num_workers=0)
+    picks = [train[(0, epoch)]["caption"] for epoch in range(12)]
+    assert picks == [train[(0, epoch)]["caption"] for epoch in range(12)]
+    assert len(set(picks)) > 1
+
+
+# Broken files
+
+
+def _png_with_declared_size(width: int, height: int) -> bytes:
+    """A tiny valid PNG whose header claims width x height (a decompression bomb from the header's view)."""
+    buffer = io.BytesIO()
+    Image.new("L", (4, 4)).save(buffer, format="PNG")
+    data = bytearray(buffer.getvalue())
+    ihdr = struct.pack(">II", width, height) + bytes(data[24:29])
+    data[16:29] = ihdr
+    data[29:33] = struct.pack(">I", zlib.crc32(b"IHDR" + ihdr))
+    return bytes(data)
+
+
+def _save(image: Image.Image, fmt: str, **kwargs) -> bytes:
+    buffer = io.BytesIO()
+    image.save(buffer, format=fmt, **kwargs)
+    return buffer.getvalue()
+
+
+def good_image_bytes() -> dict[str, bytes]:
+    red = Image.new("RGB", (40, 30), (200, 0, 0))
+    exif = Image.Exif()
+    exif[0x0112] = 6  # rotate 90: stored 40x30, shown 30x40
+    palette = Image.new("P", (40, 30), 0)
+    palette.putpalette([255, 0, 0, 0, 0, 255] + [0] * 762)
+    return {
+        "rgb.jpg": _save(red, "JPEG"),
+        "gray.png": _save(Image.new("L", (40, 30), 128), "PNG"),
+        "palette_transparent.png": _save(palette, "PNG", transparency=0),
+        "rgba.png": _save(Image.new("RGBA", (40, 30), (0, 0, 255, 0)), "PNG"),
+        "cmyk.jpg": _save(Image.new("CMYK", (40, 30), (0, 255, 255, 0)), "JPEG"),
+        "sixteen_bit.png": _save(Image.fromarray(np.full((30, 40), 65535, dtype=np.uint16)), "PNG"),
+        "photo.webp": _save(red, "WEBP"),
+        "exif_rotated.jpg": _save(red, "JPEG", exif=exif),
+    }
+
+
+def broken_files() -> dict[str, tuple[bytes, str]]:
+    jpeg = _save(Image.new("RGB", (64, 64), (0, 128, 0)), "JPEG")
+    return {
+        "truncated.jpg": (jpeg[: len(jpeg) // 2], "corrupt_image"),
+        "empty.jpg": (b"", "empty_file"),
+        "not_an_image.jpg": (b"this is a text file, not a picture\n" * 10, "not_an_image"),
+        "tiny.png": (_save(Image.new("RGB", (1, 1)), "PNG"), "too_small"),
+        "big.png": (_save(Image.new("RGB", (1200, 1000)), "PNG"), "decompression_bomb"),  # > max_image_pixels
+        "header_bomb.png": (_png_with_declared_size(40000, 40000), "decompression_bomb"),  # > PIL's global limit
+    }
+
+
+def test_image_modes_end_as_rgb_with_the_right_content():
+    images = {name: load_rgb_image(data, max_pixels=10**7, min_size=2) for name, data in good_image_bytes().items()}
+    for name, image in images.items():
+        assert isinstance(image, Image.Image) and image.mode == "RGB", name
+    pixel = {name: image.getpixel((5, 5)) for name, image in images.items()}
+    assert pixel["palette_transparent.png"] == (255, 255, 255)  # transparent index composited on white
+    assert pixel["rgba.png"] == (255, 255, 255)
+    assert pixel["sixteen_bit.png"] == (255, 255, 255)  # 65535 -> 255, not clipped garbage
+    assert pixel["gray.png"] == (128, 128, 128)
+    assert pixel["cmyk.jpg"][0] > 200 and pixel["cmyk.jpg"][1] < 60
+    assert images["exif_rotated.jpg"].size == (30, 40) and images["rgb.jpg"].size == (40, 30)
+    # Large JPEGs are decoded at reduced scale (draft) but never below the size asked for.
+    big = load_rgb_image(_save(Image.new("RGB", (1600, 1200)), "JPEG"), max_pixels=10**7, min_size=2,
+                         target_size=224)
+    assert big.size == (400, 300)
+
+
+def test_broken_samples_are_skipped_and_counted_over_a_full_epoch(tmp_path):
+    rows = []
+    for name, data in good_image_bytes().items():
+        (tmp_path / name).write_bytes(data)
+        rows.append({"image": name, "caption": f"good {name}"})
+    expected = Counter()
+    for name, (data, reason) in broken_files().items():
+        (tmp_path / name).write_bytes(data)
+        rows.append({"image": name, "caption": f"bad {name}"})
+        expected[reason] += 1
+    rows.append({"image": "missing.jpg", "caption": "gone"})
+    expected["missing_file"] += 1
+    rows.append({"image": "rgb.jpg", "caption": "   "})
+    rows.append({"image": "gray_copy.png", "caption": ""})
+    (tmp_path / "gray_copy.png").write_bytes(good_image_bytes()["gray.png"])
+    expected["empty_caption"] += 1  # rgb.jpg keeps its good caption; gray_copy.png has none
+    (tmp_path / "m.jsonl").write_text("\n".join(json.dumps(r) for r in rows))
+    cfg = DataConfig(format="jsonl", train_path=str(tmp_path / "m.jsonl"), max_image_pixels=1_000_000,
+                     max_skip_fraction=1.0, prefetch_factor=2)
+    for train, workers in ((True, 2), (False, 0)):
+        loader = build_dataloader(build_dataset(cfg, "train", IMAGE_SIZE, train=train), cfg, 4, train=train,
+                                  seed=0, num_workers=workers, drop_last=False)
+        kept = [c for batch in loader for c in batch["captions"]]
+        assert sorted(kept) == sorted(f"good {name}" for name in good_image_bytes()), (train, workers)
+        assert loader.skips.reasons == expected, (train, workers)
+        assert loader.skips.seen == len(kept) + sum(expected.values())
+
+
+def test_a_mostly_broken_dataset_stops(tmp_path):
+    (tmp_path / "ok.png").write_bytes(good_image_bytes()["gray.png"])
+    rows = [{"image": "ok.png", "caption": "fine"}] + [{"image": f"gone{i}.jpg", "caption": "x"} for i in range(9)]
+    (tmp_path / "m.jsonl").write_text("\n".join(json.dumps(r) for r in rows))
+    cfg = DataConfig(format="jsonl", train_path=str(tmp_path / "m.jsonl"), max_skip_fraction=0.5)
+    loader = build_dataloader(build_dataset(cfg, "train", IMAGE_SIZE), cfg, 4, train=True, seed=0, num_workers=0,
+                              drop_last=False)
+    with pytest.raises(TooManySkippedError, match="missing_file: 9"):
+        list(loader)
+
+
+# Distribution and resume
+
+
+def test_two_ranks_under_torchrun_split_the_epoch(demo_root, tmp_path):
+    shards = write_shards(tmp_path / "wds", demo_rows(demo_root, "train"), demo_root / "train", per_shard=3)
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
+           str(Path(__file__).parent / "data_rank_worker.py"), str(demo_root), shards, str(tmp_path)]
+    result = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=120)
+    assert result.returncode == 0, result.stderr[-3000:]
+    seen = [json.loads((tmp_path / f"rank{r}.json").read_text()) for r in range(2)]
+    for kind in ("jsonl", "webdataset"):
+        first, second = seen[0][kind], seen[1][kind]
+        assert first and second, kind
+        assert not set(first) & set(second), kind
+        assert len(first) + len(second) == TRAIN_SIZE, kind
+    assert sorted(seen[0]["jsonl"] + seen[1]["jsonl"]) == list(range(TRAIN_SIZE))
+
+
+def _batches(loader, limit=None):
+    out = []
+    for batch in loader:
+        out.append((batch["image_ids"].tolist(), batch["captions"], batch["pixel_values"].sum().item()))
+        if limit is not None and len(out) == limit:
+            break
+    return out
+
+
+@pytest.mark.parametrize("kind,workers", [("jsonl", 0), ("jsonl", 2), ("webdataset", 0), ("webdataset", 2),
+                                          ("webdataset_one_shard", 2)])
+def test_resume_mid_epoch_yields_exactly_the_rest(demo_root, tmp_path, kind, workers):
+    rows = demo_rows(demo_root, "train")
+    if kind == "jsonl":
+        cfg = DataConfig(format="jsonl", train_path=str(demo_root / "train" / "captions.jsonl"))
+    else:
+        per_shard = TRAIN_SIZE if kind == "webdataset_one_shard" else 4
+        # A window smaller than a shard, so resume lands inside a shuffled window.
+        cfg = DataConfig(format="webdataset", train_path=write_shards(tmp_path / "w", rows, demo_root / "train",
+                                                                      per_shard), stream_shuffle_window=5)
+    cfg.prefetch_factor = 2
+
+    def make_loader():
+        loader = build_dataloader(build_dataset(cfg, "train", IMAGE_SIZE), cfg, 3, train=True, seed=7,
+                                  num_workers=workers)
+        loader.set_epoch(2)
+        return loader
+
+    full = _batches(make_loader())
+    assert sum(len(ids) for ids, _, _ in full) == TRAIN_SIZE - (TRAIN_SIZE % 3)
+    interrupted = make_loader()
+    head = _batches(interrupted, limit=3)
+    state = interrupted.state_dict()
+    assert head == full[:3]
+    resumed = build_dataloader(build_dataset(cfg, "train", IMAGE_SIZE), cfg, 3, train=True, seed=7,
+                               num_workers=workers)
+    resumed.load_state_dict(json.loads(json.dumps(state)) if workers == 0 and kind == "jsonl" else state)
+    assert resumed.epoch == 2
+    assert _batches(resumed) == full[3:]
+    # The next epoch is a different order of the same images.
+    resumed.set_epoch(3)
+    next_epoch = _batches(resumed)
+    assert [ids for ids, _, _ in next_epoch] != [ids for ids, _, _ in full]
+    assert sorted(i for ids, _, _ in next_epoch for i in ids) == sorted(i for ids, _, _ in full for i in ids)
+
+
+def test_demo_vocab_and_determinism(tmp_path):
+    a = ensure_demo_data(tmp_path / "a", train_size=30, val_size=5, image_size=40, seed=1)
+    b = ensure_demo_data(tmp_path / "b", train_size=30, val_size=5, image_size=40, seed=1)
+    for split in ("train", "val"):
+        assert (a / split / "captions.jsonl").read_text() == (b / split / "captions.jsonl").read_text()
+    assert (a / "train/images/000007.png").read_bytes() == (b / "train/images/000007.png").read_bytes()
+    mtime = (a / "train/captions.jsonl").stat().st_mtime_ns
+    ensure_demo_data(tmp_path / "a", train_size=30, val_size=5, image_size=40, seed=1)
+    assert (a / "train/captions.jsonl").stat().st_mtime_ns == mtime  # complete: not regenerated
+    for row in demo_rows(a, "train"):
+        words = row["caption"].split()
+        assert words[0] == "a" and words[1] in COLOURS and words[2] in SHAPES
+        relation = " ".join(words[3:-3])
+        assert relation in RELATIONS and words[-2] in COLOURS and words[-1] in SHAPES
+        # The caption is a function of the picture: the named relation holds between the two colour blobs.
+        pixels = np.asarray(Image.open(a / "train" / row["image"]).convert("RGB")).astype(int)
+        centres = []
+        for colour in (words[1], words[-2]):
+            mask = np.abs(pixels - np.array(COLOURS[colour])).sum(-1) < 30
+            ys, xs = np.nonzero(mask)
+            centres.append((xs.mean(), ys.mean()))
+        if words[1] == words[-2]:
+            continue
+        (x1, y1), (x2, y2) = centres
+        assert {"left of": x1 < x2 - 8, "right of": x1 > x2 + 8, "above": y1 < y2 - 8,
+                "below": y1 > y2 + 8}[relation], row
+
+
+def test_skip_marker_is_not_a_sample():
+    assert isinstance(load_rgb_image(b"", max_pixels=10, min_size=1), Skip)
