@@ -182,6 +182,8 @@ class DataConfig:
     text_column: str = "caption"
     hf_split: str = "train"
     streaming: bool = False
+    # Streaming: each shard is read in windows of this many undecoded samples, shuffled per epoch (train).
+    stream_shuffle_window: int = 256
     num_workers: int = 4
     prefetch_factor: int = 4
     # Decompression-bomb guard, in pixels.
@@ -207,6 +209,7 @@ class DataConfig:
         _check(self.prefetch_factor > 0, prefix, "prefetch_factor", "must be > 0")
         _check(0.0 < self.max_skip_fraction <= 1.0, prefix, "max_skip_fraction", "must be in (0, 1]")
         _check(self.max_image_pixels > 0, prefix, "max_image_pixels", "must be > 0")
+        _check(self.stream_shuffle_window >= 1, prefix, "stream_shuffle_window", "must be >= 1")
         _check(self.min_image_size >= 1, prefix, "min_image_size", "must be >= 1")
         _check(0.0 < self.crop_scale_min <= 1.0, prefix, "crop_scale_min", "must be in (0, 1]")
         _check(self.demo_train_size > 0 and self.demo_val_size >= 0, prefix, "demo_train_size",
