@@ -32,6 +32,7 @@ MODULE_NAME_ALIASES: tuple[tuple[str, ...], ...] = (
     ("fc2",),
 )
 ATTENTION_NAMES = {"query", "q_proj", "key", "k_proj", "value", "v_proj", "dense", "o_proj", "out_proj"}
+MLP_NAMES = {"fc1", "fc2"}
 
 
 def _adaptable_leaf_names(model: nn.Module) -> set[str]:
@@ -101,7 +102,7 @@ class InjectionSummary:
 
 def module_kind(name: str, module: nn.Module) -> str:
     leaf = name.rsplit(".", 1)[-1]
-    if isinstance(module, nn.Conv2d):
+    if isinstance(module, nn.Conv2d) and leaf not in MLP_NAMES:  # a conv MLP (FastViT's ConvMlp) counts as mlp
         return "conv"
     return "attention" if leaf in ATTENTION_NAMES else "mlp"
 
@@ -140,24 +141,39 @@ class VisionEncoder(nn.Module):
 
     def __init__(self, cfg: VisionConfig):
         super().__init__()
+        self.lora_variant = cfg.lora.variant
         if cfg.backbone == "dinov2":
             backbone = load_dinov2(cfg)
             self.hidden_size = backbone.config.hidden_size
             self.num_prefix_tokens = 1 + getattr(backbone.config, "num_register_tokens", 0)
+            backbone.requires_grad_(False)
+            self.target_modules = resolve_target_modules(backbone, cfg.lora.target_modules)
+            self.model = get_peft_model(backbone, peft_lora_config(cfg.lora, self.target_modules))
+        elif cfg.backbone.startswith("fastvit_"):
+            # Imported here: timm is needed only for this backbone, and fastvit.py imports this module.
+            from .fastvit import build_fastvit_encoder
+
+            # LoRA on every dense conv of cfg.lora.stages; cfg.lora.target_modules does not apply.
+            self.model = build_fastvit_encoder(cfg)
+            tokens = self.model.base_model.model
+            self.hidden_size, self.num_prefix_tokens = tokens.hidden_size, tokens.num_prefix_tokens
+            self.target_modules = [n for n, m in self.model.named_modules() if hasattr(m, "lora_A")]
         else:
-            raise ConfigError(f"model.vision.backbone: unknown backbone {cfg.backbone!r} (known: dinov2)")
-        backbone.requires_grad_(False)
-        self.target_modules = resolve_target_modules(backbone, cfg.lora.target_modules)
-        self.model = get_peft_model(backbone, peft_lora_config(cfg.lora, self.target_modules))
+            raise ConfigError(f"model.vision.backbone: unknown backbone {cfg.backbone!r} (known: dinov2, fastvit_*)")
         self.summary = injection_summary(self.model, cfg.lora)
+        if self.lora_variant == "lora_fa":
+            from .lora_fa import apply_lora_fa
+
+            apply_lora_fa(self.model)
         self.set_lora_trainable(False)
 
     def lora_parameters(self) -> list[tuple[str, nn.Parameter]]:
         return [(n, p) for n, p in self.named_parameters() if "lora_" in n]
 
     def set_lora_trainable(self, trainable: bool) -> None:
-        for _, p in self.lora_parameters():
-            p.requires_grad_(trainable)
+        for n, p in self.lora_parameters():
+            # LoRA-FA: A stays frozen at its random init for good; only B ever trains.
+            p.requires_grad_(trainable and not (self.lora_variant == "lora_fa" and ".lora_A." in n))
         self.lora_trainable = trainable
 
     def forward(self, pixel_values: torch.Tensor) -> torch.Tensor:
@@ -168,5 +184,8 @@ class VisionEncoder(nn.Module):
 
 def num_image_tokens(encoder: VisionEncoder, image_size: int) -> int:
     """Tokens per image at ``image_size``: prefix (CLS, registers) plus patches."""
-    patch = encoder.model.base_model.model.config.patch_size
+    backbone = encoder.model.base_model.model
+    if hasattr(backbone, "num_tokens"):  # FastVitTokens: pooled token plus last feature map cells
+        return backbone.num_tokens(image_size)
+    patch = backbone.config.patch_size
     return encoder.num_prefix_tokens + (image_size // patch) ** 2
