@@ -350,21 +350,26 @@ def build_arg_parser() -> argparse.ArgumentParser:
 
 def main(argv: Optional[Sequence[str]] = None) -> int:
     args, overrides = build_arg_parser().parse_known_args(argv)
-    from loravl.checkpoint import load_model
     from loravl.data.loader import build_dataset
-    from loravl.generate import resolve_device
+    from loravl.generate import load_model_for_inference, quiet_library_output, resolve_device
 
-    device = resolve_device(args.device)
-    model, run_cfg = load_model(args.checkpoint, device)
+    quiet_library_output()
+
+    try:
+        device = resolve_device(args.device)
+        model, run_cfg = load_model_for_inference(args.checkpoint, device)
+    except (OSError, ValueError, RuntimeError) as e:
+        print(f"error: cannot load {args.checkpoint}: {e}", file=sys.stderr)
+        return 2
     try:
         if args.config is not None:
             run_cfg.data = load_config(args.config, overrides).data
         elif overrides:
             run_cfg = _apply_overrides(run_cfg, overrides)
-    except ConfigError as e:
+        dataset = build_dataset(run_cfg.data, "val", model.cfg.vision.image_size)
+    except ConfigError as e:  # DataFormatError (a missing val file) is one too
         print(f"config error: {e}", file=sys.stderr)
         return 2
-    dataset = build_dataset(run_cfg.data, "val", model.cfg.vision.image_size)
     metrics = evaluate_model(model, dataset, run_cfg, k_test=args.k_test, itm_rerank_enabled=not args.no_itm,
                              caption=not args.no_caption, max_new_tokens=args.max_new_tokens,
                              num_beams=args.num_beams, batch_size=args.batch_size, num_workers=args.num_workers,

@@ -84,6 +84,18 @@ def generation_kwargs(num_beams: int = 1, do_sample: bool = False, top_p: Option
     return kwargs
 
 
+def load_model_for_inference(path: Union[str, os.PathLike], device: torch.device
+                             ) -> tuple["VisionLanguageModel", Any]:
+    """``loravl.checkpoint.load_model``, also accepting the ``latest`` pointer file itself
+    (``checkpoints/stage1/latest``) as a name for its checkpoint dir."""
+    from loravl.checkpoint import LATEST, load_model
+
+    path = Path(path)
+    if path.is_file() and path.name == LATEST:
+        path = path.parent
+    return load_model(path, device)
+
+
 def model_device(model: torch.nn.Module) -> torch.device:
     return next(model.parameters()).device
 
@@ -94,6 +106,8 @@ def generate_captions(model: "VisionLanguageModel", pixel_values: torch.Tensor, 
     """Captions for a batch of already-transformed images, on the model's device (bf16 autocast on a GPU)."""
     device = model_device(model)
     pixel_values = pixel_values.to(device, non_blocking=True)
+    # <bos> and <pad> are never caption tokens; an undertrained model may still loop on <bos>, which decodes to ""
+    generate_kwargs.setdefault("suppress_tokens", [model.tokenizer.bos_id, model.tokenizer.pad_id])
     with autocast_for(device):
         return model.generate(pixel_values, max_new_tokens=max_new_tokens, **generate_kwargs)
 
@@ -142,8 +156,9 @@ def expand_image_inputs(inputs: Sequence[Union[str, os.PathLike]]) -> tuple[list
     return paths, errors
 
 
-def describe_skip(skip: Skip) -> str:
-    return f"{skip.reason} ({skip.detail})" if skip.detail else skip.reason
+def describe_skip(skip: Skip, source: str = "") -> str:
+    """"corrupt_image (image file is truncated)"; a detail that only repeats the file name is left out."""
+    return f"{skip.reason} ({skip.detail})" if skip.detail and skip.detail != source else skip.reason
 
 
 class ImagePreparer:
@@ -209,13 +224,13 @@ def _caption_batch(model: "VisionLanguageModel", batch: list[tuple[int, ImageInp
     if good:
         pixel_values = torch.stack([prepared[i] for i in good])
         for i, text in zip(good, generate_captions(model, pixel_values, max_new_tokens, **generate_kwargs)):
-            captions[i] = text
+            captions[i] = " ".join(text.split())  # one line: a stray newline/tab would break "path<TAB>caption"
     results = []
     for i, (index, image) in enumerate(batch):
         name = _source_name(image, index)
         item = prepared[i]
         if isinstance(item, Skip):
-            results.append(CaptionResult(name, error=describe_skip(item)))
+            results.append(CaptionResult(name, error=describe_skip(item, name)))
         else:
             results.append(CaptionResult(name, caption=captions[i]))
     return results
@@ -260,9 +275,20 @@ def build_arg_parser() -> argparse.ArgumentParser:
     return parser
 
 
+def quiet_library_output() -> None:
+    """Keep stderr for our own error lines: no weight-loading progress bars or transformers deprecation notes."""
+    import warnings
+
+    from transformers.utils import logging as hf_logging
+
+    hf_logging.disable_progress_bar()
+    warnings.filterwarnings("ignore", category=FutureWarning, module=r"transformers\.")
+
+
 def main(argv: Optional[Sequence[str]] = None) -> int:
     """Exit status 0 when at least one image was captioned, 1 when none was."""
     args = build_arg_parser().parse_args(argv)
+    quiet_library_output()
     try:
         gen_kwargs = generation_kwargs(args.num_beams, args.do_sample, args.top_p, args.top_k, args.temperature)
         device = resolve_device(args.device)
@@ -276,9 +302,11 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         print("error: no images to caption", file=sys.stderr)
         return 1
 
-    from loravl.checkpoint import load_model  # the trainer's loader: checkpoint folders and exported models
-
-    model, run_cfg = load_model(args.checkpoint, device)
+    try:
+        model, run_cfg = load_model_for_inference(args.checkpoint, device)
+    except (OSError, ValueError, RuntimeError) as e:  # missing folder, bad config, weights that do not match
+        print(f"error: cannot load {args.checkpoint}: {e}", file=sys.stderr)
+        return 2
     if args.seed is not None:
         torch.manual_seed(args.seed)
 
