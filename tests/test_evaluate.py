@@ -161,6 +161,34 @@ def test_evaluate_model_on_a_demo_split(tiny_model, tmp_path):
     assert metrics["i2t_r10"] == 1.0  # 7 images, 1 caption each: every caption is in the top 10
     assert len(metrics["samples"]) == 7 and all(isinstance(s["caption"], str) for s in metrics["samples"])
     assert metrics["samples"][0]["references"][0].startswith("a ")
+    assert metrics["samples"][0]["image"].endswith("000000.png")
 
     limited = evaluate_model(tiny_model, dataset, cfg, itm_rerank_enabled=False, caption=False, max_images=4)
     assert limited["num_images"] == 4 and "itm_i2t_r1" not in limited and "cider" not in limited
+
+
+def test_evaluate_cli_writes_metrics_json(tiny_model, tiny_model_config, tmp_path):
+    import json
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    from loravl.checkpoint import Checkpointer, ModelWeights, RNGState, TrainState
+
+    cfg = RunConfig(model=tiny_model_config,
+                    data=DataConfig(format="demo", train_path=str(tmp_path / "demo"), demo_train_size=2,
+                                    demo_val_size=5, demo_image_size=32, num_workers=0))
+    Checkpointer(tmp_path / "ckpt", keep_last=1, rank=0, world_size=1).save(
+        3, ModelWeights(tiny_model), shared={}, per_rank={"rng": RNGState()}, train_state=TrainState(step=3),
+        cfg=cfg, tokenizer=tiny_model.tokenizer)
+    root = Path(__file__).resolve().parents[1]
+    output = tmp_path / "out" / "metrics.json"
+    result = subprocess.run([sys.executable, str(root / "src" / "evaluate.py"), "--checkpoint", str(tmp_path / "ckpt"),
+                             "--output", str(output), "--max_new_tokens", "4", "--k_test", "2",
+                             "--data.demo_val_size", "4"],
+                            cwd=root, capture_output=True, text=True, timeout=300)
+    assert result.returncode == 0, result.stderr
+    metrics = json.loads(output.read_text())
+    assert metrics["num_images"] == 4  # the override reached the data config (a fresh 4-image demo val split)
+    assert {"i2t_r1", "t2i_r10", "itm_i2t_r1", "exact_match", "bleu_4", "cider"} <= set(metrics)
+    assert "generated" in result.stdout and "i2t_r1=" in result.stdout

@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import logging
 import math
 import re
 import sys
@@ -30,6 +31,8 @@ from loravl.generate import autocast_for, generate_captions, model_device
 
 if TYPE_CHECKING:
     from loravl.model import VisionLanguageModel
+
+logger = logging.getLogger(__name__)
 
 RECALL_KS: tuple[int, ...] = (1, 5, 10)
 # Candidates outside the re-ranked top k keep their ITC order but go below every ITM-scored candidate; cosine
@@ -260,14 +263,25 @@ def _encode_texts(model: "VisionLanguageModel", texts: list[str], batch_size: in
     return torch.cat(feats), torch.cat(states), torch.cat(masks)
 
 
+def image_paths_by_id(data: Any) -> dict[int, str]:
+    """image id -> file path, where the dataset's record table lists them (map-style file formats); else empty."""
+    table = getattr(data, "table", None)
+    images, ids = getattr(table, "images", None), getattr(table, "image_ids", None)
+    if images is None or ids is None:
+        return {}
+    return {int(i): str(p) for i, p in zip(ids, images) if isinstance(p, str)}
+
+
 def evaluate_model(model: "VisionLanguageModel", data: Any, cfg: RunConfig, *, k_test: int = 16,
                    itm_rerank_enabled: bool = True, caption: bool = True, max_new_tokens: int = 30,
                    num_beams: int = 1, batch_size: Optional[int] = None, num_workers: Optional[int] = None,
-                   max_images: Optional[int] = None, return_captions: bool = False) -> dict[str, Any]:
+                   max_images: Optional[int] = None, return_captions: bool = False,
+                   log_samples: int = 3) -> dict[str, Any]:
     """Retrieval and captioning metrics of ``model`` on a validation dataset or eval loader (one process; call it on
     rank 0). Keys: ``i2t_r{1,5,10}``, ``t2i_r{1,5,10}``, ``r_mean`` (ITC), the same prefixed ``itm_`` when
     re-ranked, ``exact_match``, ``bleu_1..4``, ``cider``, ``num_images``, ``num_texts``, ``eval_seconds``; with
-    ``return_captions`` also ``samples``: [{image_id, caption, references}].
+    ``return_captions`` also ``samples``: [{image_id, image (path, when known), caption, references}].
+    The first ``log_samples`` generated captions are logged (INFO, logger ``loravl.evaluate``).
     The model's train/eval mode is restored afterwards."""
     started = time.perf_counter()
     batch_size = batch_size or cfg.train.batch_size
@@ -292,9 +306,15 @@ def evaluate_model(model: "VisionLanguageModel", data: Any, cfg: RunConfig, *, k
             metrics.update(caption_scores(collected.captions, collected.references))
         metrics["num_images"] = len(collected.image_ids)
         metrics["num_texts"] = len(texts)
-        if return_captions and caption:
-            metrics["samples"] = [{"image_id": image_id, "caption": c, "references": refs} for image_id, c, refs
-                                  in zip(collected.image_ids, collected.captions, collected.references)]
+        if caption and (return_captions or log_samples > 0):
+            paths = image_paths_by_id(data)
+            samples = [{"image_id": image_id, "image": paths.get(image_id), "caption": c, "references": refs}
+                       for image_id, c, refs in zip(collected.image_ids, collected.captions, collected.references)]
+            for sample in samples[:log_samples]:
+                logger.info("  %s: generated %r, reference %r", sample["image"] or f"image {sample['image_id']}",
+                            sample["caption"], sample["references"][0])
+            if return_captions:
+                metrics["samples"] = samples
     finally:
         model.train(was_training)
     metrics["eval_seconds"] = time.perf_counter() - started
@@ -373,10 +393,11 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     metrics = evaluate_model(model, dataset, run_cfg, k_test=args.k_test, itm_rerank_enabled=not args.no_itm,
                              caption=not args.no_caption, max_new_tokens=args.max_new_tokens,
                              num_beams=args.num_beams, batch_size=args.batch_size, num_workers=args.num_workers,
-                             max_images=args.max_images, return_captions=args.show > 0)
+                             max_images=args.max_images, return_captions=args.show > 0, log_samples=0)
     samples = metrics.pop("samples", [])
     for sample in samples[: args.show]:
-        print(f"image {sample['image_id']}: {sample['caption']!r}  (reference: {sample['references'][0]!r})")
+        name = sample["image"] or f"image {sample['image_id']}"
+        print(f"{name}: generated {sample['caption']!r}, reference {sample['references'][0]!r}")
     print(format_metrics(metrics))
     if args.output:
         Path(args.output).parent.mkdir(parents=True, exist_ok=True)
