@@ -56,9 +56,11 @@ class SampleBuilder:
         if self.train:
             seed = sample_seed(self.seed, epoch, key)
             caption = record.captions[random.Random(seed).randrange(len(record.captions))]
-            # The crop draws from torch's global RNG; fork it so the main process' RNG is untouched (workers=0).
+            # The crop draws from torch's global CPU RNG; fork it so the main process' RNG is untouched
+            # (workers=0). Only the CPU generator is seeded: torch.manual_seed also queues CUDA/XPU/MTIA seeding
+            # with a stack trace each call, a few ms per sample.
             with torch.random.fork_rng(devices=[]):
-                torch.manual_seed(seed)
+                torch.default_generator.manual_seed(seed)
                 pixel_values = self.transform(image)
         else:
             caption = record.captions[0]
