@@ -49,8 +49,9 @@ TMP_PREFIX = ".tmp-"
 MODEL_FILE = "model.safetensors"
 TRAIN_STATE_FILE = "train_state.json"
 EXPORT_MARKER = "loravl_export.json"
-# Fault injection for the crash-during-save test: seconds to sleep after the pieces are written, before the rename.
-SAVE_DELAY_ENV = "LORAVL_TEST_SAVE_DELAY_S"
+# Fault injection for the crash-during-save test: "STEP:SECONDS" sleeps after that step's pieces are written,
+# before the rename.
+SLOW_SAVE_ENV = "LORAVL_TEST_SLOW_SAVE"
 
 
 class Stateful(Protocol):
@@ -250,9 +251,9 @@ class Checkpointer:
             vision_config = model.model.vision.model.get_base_model().config
             vision_config.save_pretrained(str(tmp / "vision_config"))
             _fsync_tree(tmp)
-            delay = float(os.environ.get(SAVE_DELAY_ENV, "0") or 0)
-            if delay:
-                time.sleep(delay)
+            slow_step, _, seconds = os.environ.get(SLOW_SAVE_ENV, "").partition(":")
+            if slow_step and int(slow_step) == step:
+                time.sleep(float(seconds))
             if final.exists():  # the same step saved again (e.g. a rerun): the older copy goes
                 shutil.rmtree(final)
             os.rename(tmp, final)

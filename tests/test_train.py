@@ -1,0 +1,255 @@
+"""The stage-1 trainer end to end: real subprocesses (plain python and torchrun with gloo on CPU), tiny model,
+demo data. Each test reads what the run wrote: steps.jsonl, training.log, checkpoints, dumped weights."""
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import torch
+
+from loravl.checkpoint import LATEST, read_weights
+
+ROOT = Path(__file__).resolve().parents[1]
+SCRIPT = str(ROOT / "src" / "train_stage1_vision_language.py")
+DUMP_SCRIPT = str(ROOT / "tests" / "train_dump_ranks.py")
+RECORDED = ROOT / "tests" / "train_recorded_losses.json"
+
+# The tiny model on demo.yaml: hidden 32, 28 px images (4 patches), batch 4, no loader workers.
+TINY = [
+    "--config", "configs/demo.yaml",
+    "--model.vision.image_size", "28",
+    "--model.compressor.hidden_dim", "24", "--model.compressor.embed_dim", "16",
+    "--model.text.hidden_size", "32", "--model.text.num_heads", "2", "--model.text.max_length", "12",
+    "--model.text.vocab_size", "320",
+    "--model.fusion.num_heads", "2", "--model.loss.embed_dim", "16", "--model.loss.queue_size", "32",
+    "--data.demo_image_size", "32", "--data.demo_val_size", "4", "--data.num_workers", "0",
+    "--train.batch_size", "4", "--train.log_every", "1", "--train.warmup_steps", "3", "--train.save_every", "100",
+    "--train.keep_last", "10", "--train.lora_warmup_epochs", "1",
+]
+
+
+@pytest.fixture(scope="module")
+def data_root(tmp_path_factory) -> Path:
+    return tmp_path_factory.mktemp("demo-data")
+
+
+def run_args(run_dir: Path, data_root: Path, train_size: int, *extra: str) -> list[str]:
+    return [*TINY, "--data.train_path", str(data_root / f"demo{train_size}"),
+            "--data.demo_train_size", str(train_size),
+            "--train.log_dir", str(run_dir / "logs"), "--train.checkpoint_dir", str(run_dir / "ckpt"), *extra]
+
+
+def command(args: list[str], nproc: int = 1, script: str = SCRIPT, script_args: tuple = ()) -> list[str]:
+    if nproc == 1:
+        return [sys.executable, script, *script_args, *args]
+    return [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={nproc}", script,
+            *script_args, *args]
+
+
+def child_env(**extra: str) -> dict[str, str]:
+    return {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONUNBUFFERED": "1", **extra}
+
+
+def run(args: list[str], nproc: int = 1, check: bool = True, timeout: int = 180, **kw) -> subprocess.CompletedProcess:
+    done = subprocess.run(command(args, nproc, **kw), cwd=ROOT, env=child_env(), capture_output=True, text=True,
+                          timeout=timeout)
+    if check and done.returncode != 0:
+        raise AssertionError(f"exit {done.returncode}\n{done.stdout[-3000:]}\n{done.stderr[-5000:]}")
+    return done
+
+
+def read_steps(run_dir: Path) -> dict[int, dict]:
+    """Per-step records; a resumed run appends, the last record of a step wins."""
+    steps = {}
+    for line in (run_dir / "logs" / "steps.jsonl").read_text().splitlines():
+        record = json.loads(line)
+        steps[record["step"]] = record
+    return steps
+
+
+def losses(steps: dict[int, dict]) -> list[tuple]:
+    return [(s, r["loss"], r["loss_itc"], r["loss_itm"], r["loss_lm"], r["lr"]) for s, r in sorted(steps.items())]
+
+
+def log_text(run_dir: Path) -> str:
+    return (run_dir / "logs" / "training.log").read_text()
+
+
+def latest(run_dir: Path) -> str:
+    return (run_dir / "ckpt" / LATEST).read_text().strip()
+
+
+# Two ranks across the phase switch (also the recorded-losses guard)
+
+
+@pytest.fixture(scope="module")
+def two_rank_run(tmp_path_factory, data_root) -> Path:
+    run_dir = tmp_path_factory.mktemp("two-ranks")
+    # 32 images, 2 ranks x batch 4: 4 steps per epoch; phase 2 from step 5.
+    run(run_args(run_dir, data_root, 32, "--train.epochs", "2"), nproc=2, script=DUMP_SCRIPT,
+        script_args=(str(run_dir / "dump"),))
+    return run_dir
+
+
+def test_two_ranks_switch_phase_once_and_stay_in_sync(two_rank_run):
+    text = log_text(two_rank_run)
+    assert text.count("Phase 1: LoRA adapters FROZEN | Trainable params: ") == 1
+    assert text.count("Phase 2: LoRA adapters UNFROZEN | Trainable params: ") == 1
+    assert "LoRA injected into" in text
+    phase1 = int(text.split("Phase 1: LoRA adapters FROZEN | Trainable params: ")[1].split()[0].replace(",", ""))
+    phase2 = int(text.split("Phase 2: LoRA adapters UNFROZEN | Trainable params: ")[1].split()[0].replace(",", ""))
+    rank0 = read_weights(two_rank_run / "dump" / "rank_0.safetensors")
+    rank1 = read_weights(two_rank_run / "dump" / "rank_1.safetensors")
+    lora_keys = [k for k in rank0 if "lora_" in k]
+    assert phase2 - phase1 == sum(rank0[k].numel() for k in lora_keys)
+    steps = read_steps(two_rank_run)
+    assert [steps[s]["phase"] for s in sorted(steps)] == [1] * 4 + [2] * 4
+    assert len(steps[5]["lr"]) == 3 and len(steps[4]["lr"]) == 2  # LoRA joined the optimizer at step 5
+
+    # LoRA was frozen through phase 1 (the epoch-end checkpoint at step 4 holds its initial values) and trained
+    # after the switch, identically on both ranks: the rebuilt DDP wrapper averages its gradients.
+    at_switch = read_weights(two_rank_run / "ckpt" / "step_00000004" / "model.safetensors")
+    assert all(not torch.equal(at_switch[k], rank0[k]) for k in lora_keys if "lora_B" in k)
+    for key in rank0:
+        assert torch.equal(rank0[key], rank1[key]), key  # every trainable, LoRA, momentum and queue tensor
+
+
+def test_recorded_losses_two_ranks(two_rank_run):
+    """torchtitan-style guard: the first steps' losses of a fixed tiny run match the recorded values."""
+    recorded = json.loads(RECORDED.read_text())
+    got = [read_steps(two_rank_run)[s]["loss"] for s in range(1, len(recorded["loss"]) + 1)]
+    assert got == pytest.approx(recorded["loss"], abs=1e-4, rel=0)
+
+
+# Exact resume
+
+
+def test_exact_resume_chain_add_group(tmp_path, data_root):
+    """One process, 3 epochs x 4 steps, phase 2 from step 5. Interrupted at step 2 (phase 1), 4 (epoch end, the
+    resumed run makes the phase switch) and 6 (inside phase 2, optimizer with the LoRA group): every step's
+    losses and learning rates equal the uninterrupted run's exactly."""
+    common = ("--train.epochs", "3")
+    reference = tmp_path / "reference"
+    run(run_args(reference, data_root, 16, *common))
+    resumed = tmp_path / "resumed"
+    for stop in (2, 4, 6):
+        run(run_args(resumed, data_root, 16, *common, "--train.stop_at_step", str(stop), "--train.resume", "latest"))
+        assert latest(resumed) == f"step_{stop:08d}"
+    run(run_args(resumed, data_root, 16, *common, "--train.resume", "latest"))
+    expected, got = losses(read_steps(reference)), losses(read_steps(resumed))
+    assert len(expected) == 12
+    assert got == expected
+    text = log_text(resumed)
+    for step, epoch in ((2, 0), (4, 1), (6, 1)):
+        assert f"Resumed from {resumed / 'ckpt' / f'step_{step:08d}'} at epoch {epoch} step {step}" in text
+    # The final weights agree too, and the run ended with an export.
+    final = f"step_{12:08d}"
+    a = read_weights(reference / "ckpt" / final / "model.safetensors")
+    b = read_weights(resumed / "ckpt" / final / "model.safetensors")
+    assert all(torch.equal(a[k], b[k]) for k in a)
+    assert (resumed / "ckpt" / "export" / "vision_adapter" / "adapter_model.safetensors").is_file()
+
+
+def test_exact_resume_recreate_two_ranks(tmp_path, data_root):
+    """Two ranks, lora_unfreeze_optimizer=recreate, interrupted inside phase 2: per-rank RNG and loader states."""
+    common = ("--train.epochs", "3", "--train.lora_unfreeze_optimizer", "recreate")
+    reference = tmp_path / "reference"
+    run(run_args(reference, data_root, 32, *common), nproc=2)
+    resumed = tmp_path / "resumed"
+    run(run_args(resumed, data_root, 32, *common, "--train.stop_at_step", "6"), nproc=2)
+    assert latest(resumed) == "step_00000006"
+    assert (resumed / "ckpt" / "step_00000006" / "rank_1.pt").is_file()
+    run(run_args(resumed, data_root, 32, *common, "--train.resume", "latest"), nproc=2)
+    assert losses(read_steps(resumed)) == losses(read_steps(reference))
+    assert len(read_steps(reference)) == 12
+
+
+# Crashes and signals
+
+
+def test_sigkill_during_save_resumes_from_previous_checkpoint(tmp_path, data_root):
+    run_dir = tmp_path / "run"
+    args = run_args(run_dir, data_root, 16, "--train.epochs", "2", "--train.save_every", "2")
+    proc = subprocess.Popen(command(args), cwd=ROOT, env=child_env(LORAVL_TEST_SLOW_SAVE="4:120"),
+                            stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+    tmp_checkpoint = run_dir / "ckpt" / ".tmp-step_00000004"
+    try:
+        deadline = time.time() + 120
+        while not (tmp_checkpoint / "train_state.json").is_file():  # step 4's pieces are being written
+            assert proc.poll() is None, proc.stderr.read()[-3000:]
+            assert time.time() < deadline
+            time.sleep(0.2)
+        time.sleep(0.5)
+    finally:
+        proc.send_signal(signal.SIGKILL)
+        proc.wait()
+    assert latest(run_dir) == "step_00000002"
+    assert not (run_dir / "ckpt" / "step_00000004").exists()
+    run(args + ["--train.resume", "latest", "--train.stop_at_step", "5"])
+    assert f"Resumed from {run_dir / 'ckpt' / 'step_00000002'} at epoch 0 step 2" in log_text(run_dir)
+    assert latest(run_dir) == "step_00000005"
+    assert not tmp_checkpoint.exists()
+    assert sorted(read_steps(run_dir)) == [1, 2, 3, 4, 5]
+
+
+def _worker_pids(parent: int) -> dict[int, int]:
+    """{rank: pid} of torchrun's worker processes."""
+    out = {}
+    for proc in Path("/proc").iterdir():
+        if not proc.name.isdigit():
+            continue
+        try:
+            ppid = int((proc / "stat").read_text().rsplit(")", 1)[1].split()[1])
+            if ppid != parent:
+                continue
+            environ = dict(kv.split("=", 1) for kv in (proc / "environ").read_bytes().decode().split("\0") if "=" in kv)
+        except (OSError, ValueError, IndexError):
+            continue
+        if "RANK" in environ:
+            out[int(environ["RANK"])] = int(proc.name)
+    return out
+
+
+def test_sigterm_mid_epoch_saves_and_exits_zero(tmp_path, data_root):
+    """SIGTERM to one worker of a 2-rank run: both ranks finish the step, save the same checkpoint, exit 0."""
+    run_dir = tmp_path / "run"
+    args = run_args(run_dir, data_root, 32, "--train.epochs", "50")
+    proc = subprocess.Popen(command(args, nproc=2), cwd=ROOT, env=child_env(), stdout=subprocess.PIPE,
+                            stderr=subprocess.STDOUT, text=True)
+    steps_file = run_dir / "logs" / "steps.jsonl"
+    deadline = time.time() + 120
+    while not (steps_file.is_file() and len(steps_file.read_text().splitlines()) >= 2):
+        assert proc.poll() is None and time.time() < deadline
+        time.sleep(0.2)
+    workers = _worker_pids(proc.pid)
+    assert set(workers) == {0, 1}
+    os.kill(workers[1], signal.SIGTERM)
+    output, _ = proc.communicate(timeout=120)
+    assert proc.returncode == 0, output[-3000:]
+    text = log_text(run_dir)
+    assert "Received a stop signal on another rank: checkpoint saved at step" in text
+    saved = latest(run_dir)
+    step = int(saved.split("_")[1])
+    assert step < 200 and step == max(read_steps(run_dir))
+    assert (run_dir / "ckpt" / saved / "rank_0.pt").is_file() and (run_dir / "ckpt" / saved / "rank_1.pt").is_file()
+
+
+# Configuration errors
+
+
+def test_num_gpus_mismatch_fails_clearly(tmp_path, data_root):
+    done = run(run_args(tmp_path, data_root, 16, "--num_gpus", "3", "--use_ddp", "True"), nproc=2, check=False)
+    assert done.returncode != 0
+    assert "train.num_gpus is 3 but 2 process(es) were launched" in done.stderr + done.stdout
+
+
+def test_unknown_config_key_is_named(tmp_path, data_root):
+    done = run(run_args(tmp_path, data_root, 16, "--train.lora_warmup_epoch", "2"), check=False)
+    assert done.returncode == 2
+    assert "lora_warmup_epoch" in done.stderr and "config error" in done.stderr
