@@ -238,6 +238,8 @@ class TrainConfig:
     lora_unfreeze_optimizer: str = "add_group"
     # Stop after this many optimizer steps (None: run all epochs).
     max_steps: Optional[int] = None
+    # Save and exit after this optimizer step without changing the schedule (time-boxed jobs, resume tests).
+    stop_at_step: Optional[int] = None
     # auto: bf16 where the GPU has it, fp16 on other GPUs, fp32 on CPU
     mixed_precision: str = "auto"
     compile: bool = False
@@ -273,6 +275,7 @@ class TrainConfig:
         _check(self.lora_unfreeze_optimizer in ("add_group", "recreate"), prefix, "lora_unfreeze_optimizer",
                "must be 'add_group' or 'recreate'")
         _check(self.max_steps is None or self.max_steps > 0, prefix, "max_steps", "must be > 0")
+        _check(self.stop_at_step is None or self.stop_at_step > 0, prefix, "stop_at_step", "must be > 0")
         _check(self.mixed_precision in ("auto", "no", "bf16", "fp16"), prefix, "mixed_precision",
                "must be auto, no, bf16 or fp16")
         _check(self.log_every > 0, prefix, "log_every", "must be > 0")
