@@ -392,3 +392,13 @@ def test_demo_vocab_and_determinism(tmp_path):
 
 def test_skip_marker_is_not_a_sample():
     assert isinstance(load_rgb_image(b"", max_pixels=10, min_size=1), Skip)
+
+
+def test_tokenize_runs_in_collate_and_merges_its_fields(demo_root, tiny_tokenizer):
+    cfg = DataConfig(format="jsonl", train_path=str(demo_root / "train" / "captions.jsonl"), prefetch_factor=2)
+    loader = build_dataloader(build_dataset(cfg, "train", IMAGE_SIZE), cfg, 4, train=True, seed=0,
+                              num_workers=2, tokenize=tiny_tokenizer)
+    batch = next(iter(loader))
+    assert batch["input_ids"].dtype == torch.long and batch["input_ids"].shape[0] == 4
+    assert batch["attention_mask"].shape == batch["input_ids"].shape
+    assert torch.equal(batch["input_ids"], tiny_tokenizer(batch["captions"])["input_ids"])

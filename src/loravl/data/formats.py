@@ -12,7 +12,6 @@ from __future__ import annotations
 import csv
 import itertools
 import json
-import os
 import re
 import tarfile
 from dataclasses import dataclass
@@ -399,10 +398,3 @@ def open_source(cfg: DataConfig, split: str) -> Union[RecordTable, ShardSource]:
 def is_streaming(source: Union[RecordTable, ShardSource]) -> bool:
     return hasattr(source, "iter_shard")
 
-
-def relpath_or_abs(path: Union[str, os.PathLike], start: Union[str, os.PathLike]) -> str:
-    """For converters writing manifests: a path relative to ``start`` when it lies under it."""
-    try:
-        return str(Path(path).resolve().relative_to(Path(start).resolve()))
-    except ValueError:
-        return str(Path(path).resolve())
