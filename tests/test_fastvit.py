@@ -15,6 +15,15 @@ from loravl.vision import VisionEncoder, num_image_tokens
 from conftest import tiny_batch
 
 
+@pytest.fixture(autouse=True)
+def single_thread():
+    # Small convolutions on a shared 2-core machine: one intra-op thread avoids oversubscription stalls.
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
 @pytest.fixture(scope="module")
 def fastvit_t8() -> nn.Module:
     torch.manual_seed(0)
@@ -84,22 +93,22 @@ def _train_a_little(peft_model: nn.Module, steps: int = 2) -> None:
 def test_merge_then_reparameterize_matches_unmerged(fastvit_t8):
     peft_model = apply_lora_to_fastvit(copy.deepcopy(fastvit_t8), r=8, alpha=16, include_stem=True)
     _train_a_little(peft_model)
-    assert any(torch.count_nonzero(m.lora_B["default"].weight) for m in lora_layers(peft_model).values())
     peft_model.eval()  # reparameterisation folds BatchNorm running statistics: eval-mode equivalence
     x = torch.randn(3, 3, 64, 64)
     with torch.no_grad():
-        expected = peft_model(x)
-        base_only = fastvit_t8(x)
-    assert not torch.allclose(expected, base_only, atol=1e-3)  # LoRA changed the function
+        expected = peft_model.forward_features(x)
+        lora_effect = (expected - fastvit_t8.forward_features(x)).abs().max()
+    assert lora_effect > 1e-2 * expected.abs().max()  # training moved the function visibly
 
     wrong_order = timm.utils.reparameterize_model(copy.deepcopy(peft_model), inplace=True)
     fused = merge_and_reparameterize(peft_model)
     assert not lora_layers(fused)
     assert not any(hasattr(m, "conv_kxk") for m in fused.modules())  # the branches are gone
     with torch.no_grad():
-        torch.testing.assert_close(fused(x), expected, rtol=1e-4, atol=1e-4)
-        # Reparameterising first reads the base weights of the wrapped branch convs and drops their LoRA update.
-        assert not torch.allclose(wrong_order(x), expected, atol=1e-3)
+        torch.testing.assert_close(fused.forward_features(x), expected, rtol=1e-4, atol=1e-4 * lora_effect)
+        # Reparameterising first reads the base weights of the wrapped branch convs (stem, downsamplers) and drops
+        # their LoRA update: it fails the tolerance the right order meets.
+        assert not torch.allclose(wrong_order.forward_features(x), expected, rtol=1e-4, atol=1e-4 * lora_effect)
 
 
 def fastvit_vision_config(**lora) -> VisionConfig:
