@@ -103,3 +103,26 @@ def test_apply_is_idempotent():
     model = _lora(_mlp())
     assert apply_lora_fa(model) == 2
     assert apply_lora_fa(model) == 0
+
+
+def test_bench_tiny_smoke(tmp_path):
+    import importlib.util
+    import json
+    from pathlib import Path
+
+    path = Path(__file__).resolve().parents[1] / "bench" / "lora_variants.py"
+    spec = importlib.util.spec_from_file_location("bench_lora_variants", path)
+    bench = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(bench)
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        rows = bench.main(["--tiny", "--steps", "1", "--warmup", "0", "--batch-size", "2",
+                           "--out", str(tmp_path / "lv.json")])
+    finally:
+        torch.set_num_threads(threads)
+    lora, fa = rows
+    assert fa["trainable_params"] * 2 == lora["trainable_params"] == lora["lora_params_total"]
+    assert fa["optimizer_state"] * 2 == lora["optimizer_state"]
+    assert fa["saved_activations"] < lora["saved_activations"]  # no full-width lora_A inputs kept
+    assert json.loads((tmp_path / "lv.json").read_text())["results"] == rows
