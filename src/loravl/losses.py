@@ -67,8 +67,9 @@ class FeatureQueue(nn.Module):
         self.image_ids[slots] = image_ids
         if self.keep_fusion_inputs:
             self.image_tokens[slots] = image_tokens.to(self.image_tokens.dtype)
-            self.text_ids[slots] = text_ids
-            self.text_mask[slots] = text_mask
+            pad = self.text_ids.shape[1] - text_ids.shape[1]  # batches are padded only to their longest caption
+            self.text_ids[slots] = F.pad(text_ids, (0, pad))
+            self.text_mask[slots] = F.pad(text_mask, (0, pad))
         self.ptr.copy_((self.ptr + n) % self.size)
         self.filled.copy_(torch.clamp(self.filled + n, max=self.size))
         self._filled_host = min(filled_before + n, self.size)

@@ -82,6 +82,16 @@ class VisionLanguageModel(nn.Module):
             momentum.eval()  # momentum targets without dropout noise
         return self
 
+    def compile(self, **kwargs) -> None:
+        """``torch.compile`` every heavy submodule in place (parameter names, hence checkpoints, unchanged).
+
+        Submodules rather than the whole forward: the queue bookkeeping and hard-negative sampling between them
+        would break the graph or recompile as the queue fills.
+        """
+        for module in (self.vision.model, self.compressor, self.compressor_m, self.text.transformer, self.text_m,
+                       self.fusion):
+            module.compile(**kwargs)
+
     @torch.no_grad()
     def momentum_update(self) -> None:
         m = self.cfg.loss.momentum
@@ -248,9 +258,12 @@ class VisionLanguageModel(nn.Module):
             negative_mask = self.queue.text_mask[hard_negative_texts]
             negative_image_tokens = self.queue.image_tokens[hard_negative_images].to(image["image_tokens"].dtype)
         negative_text_states = encode_text(self.text.transformer, negative_ids, negative_mask)
+        # Queued captions are stored at max_length; pad this batch's texts to match.
+        pad = negative_ids.shape[1] - mask.shape[1]
+        text_states, mask = F.pad(text["text_states"], (0, 0, 0, pad)), F.pad(mask, (0, pad))
 
         pair_images = torch.cat([image["image_tokens"], image["image_tokens"], negative_image_tokens])
-        pair_texts = torch.cat([text["text_states"], negative_text_states, text["text_states"]])
+        pair_texts = torch.cat([text_states, negative_text_states, text_states])
         pair_masks = torch.cat([mask, negative_mask, mask])
         return self._itm_loss(pair_images, pair_texts, pair_masks, torch.cat([has_text, has_image]))
 

@@ -51,12 +51,15 @@ def load_tokenizer(path: str | Path) -> PreTrainedTokenizerFast:
 class CaptionTokenizer:
     """captions -> ``input_ids``/``attention_mask`` as ``<bos> caption <eos> <pad>...``, cut to ``max_length``.
 
+    A batch is padded to its longest caption rounded up to a multiple of ``pad_to_multiple_of`` (at most
+    ``max_length``): short captions cost no compute on padding, and a compiled model sees only a few shapes.
     Picklable, so the data loader's workers can tokenize in the collate function.
     """
 
-    def __init__(self, tokenizer: PreTrainedTokenizerFast, max_length: int):
+    def __init__(self, tokenizer: PreTrainedTokenizerFast, max_length: int, pad_to_multiple_of: int = 8):
         self.tokenizer = tokenizer
         self.max_length = max_length
+        self.pad_to_multiple_of = pad_to_multiple_of
         self.bos_id = tokenizer.bos_token_id
         self.eos_id = tokenizer.eos_token_id
         self.pad_id = tokenizer.pad_token_id
@@ -66,10 +69,12 @@ class CaptionTokenizer:
 
     def __call__(self, captions: list[str]) -> dict[str, torch.Tensor]:
         body = self.tokenizer([c.lower().strip() for c in captions], add_special_tokens=False)["input_ids"]
-        ids = torch.full((len(body), self.max_length), self.pad_id, dtype=torch.long)
-        mask = torch.zeros((len(body), self.max_length), dtype=torch.long)
-        for i, tokens in enumerate(body):
-            row = [self.bos_id, *tokens[: self.max_length - 2], self.eos_id]  # over-long captions keep their <eos>
+        rows = [[self.bos_id, *tokens[: self.max_length - 2], self.eos_id] for tokens in body]  # keeps <eos>
+        m = self.pad_to_multiple_of
+        width = min(self.max_length, -(-max((len(r) for r in rows), default=2) // m) * m)
+        ids = torch.full((len(rows), width), self.pad_id, dtype=torch.long)
+        mask = torch.zeros((len(rows), width), dtype=torch.long)
+        for i, row in enumerate(rows):
             ids[i, : len(row)] = torch.tensor(row)
             mask[i, : len(row)] = 1
         return {"input_ids": ids, "attention_mask": mask}

@@ -1,0 +1,392 @@
+"""Throughput of the real stage-1 training step and its ceilings, measured in one run on one GPU.
+
+    python bench/throughput.py --out throughput.json            # dinov2-base + default text model, batch 128
+    python bench/throughput.py --tiny --steps 2 --out t.json    # CPU smoke test of the script itself
+
+Sections (each printed as a table row and written to JSON):
+  matmul      bf16 8192^3 matrix product: the arithmetic ceiling MFU is measured against
+  encoder     DINOv2 alone: forward-only (phase-1 floor) and LoRA forward+backward (phase-2), SDPA and compiled
+  step        the full step (3 losses, backward, clip, fused AdamW) in phase 1 and 2: optimised
+              (bf16, SDPA, compiled encoder) and the naive baseline (fp32, eager attention, no compile)
+  loader      phase-1 step fed by the real data loader from JPEG files on disk vs synthetic tensors
+  generate    greedy captioning, batch 256, 30 new tokens
+The model is built with random weights from the dinov2-base config shipped in configs/models (no download).
+"""
+from __future__ import annotations
+
+import argparse
+import copy
+import json
+import os
+import random
+import statistics
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT / "src"))
+
+import torch  # noqa: E402
+from torch.utils.flop_counter import FlopCounterMode  # noqa: E402
+from transformers import Dinov2Config  # noqa: E402
+
+from loravl.config import DataConfig, ModelConfig, VisionConfig, TextConfig  # noqa: E402
+from loravl.model import VisionLanguageModel  # noqa: E402
+from loravl.text import CaptionTokenizer, train_tokenizer  # noqa: E402
+
+
+_rng = random.Random(0)
+WORDS = ["".join(_rng.choice("abcdefghijklmnopqrstuvwxyz") for _ in range(_rng.randint(3, 9))) for _ in range(40000)]
+
+
+def random_word_tokenizer(vocab_size: int, max_length: int) -> CaptionTokenizer:
+    """A BPE of the requested size trained on random words: only the vocabulary size matters for speed."""
+    corpus = (" ".join(WORDS[i:i + 8]) for i in range(0, len(WORDS), 8))
+    return CaptionTokenizer(train_tokenizer(corpus, vocab_size), max_length)
+
+
+def random_captions(n: int, seed: int) -> list[str]:
+    """COCO-length captions (8-14 words, COCO averages ~10.5) from the tokenizer's common words."""
+    rng = random.Random(seed)
+    common = WORDS[:2000]
+    return [" ".join(rng.choice(common) for _ in range(rng.randint(8, 14))) for _ in range(n)]
+
+
+class Timer:
+    """Median and mean seconds per call over ``iters`` calls after ``warmup``, with CUDA events on a GPU."""
+
+    def __init__(self, device: torch.device):
+        self.device = device
+
+    def __call__(self, fn, warmup: int, iters: int) -> dict:
+        for _ in range(warmup):
+            fn()
+        self.sync()
+        times = []
+        for _ in range(iters):
+            if self.device.type == "cuda":
+                start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+                start.record()
+                fn()
+                end.record()
+                end.synchronize()
+                times.append(start.elapsed_time(end) / 1e3)
+            else:
+                t0 = time.perf_counter()
+                fn()
+                times.append(time.perf_counter() - t0)
+        return {"median_s": statistics.median(times), "mean_s": statistics.fmean(times), "iters": iters}
+
+    def sync(self):
+        if self.device.type == "cuda":
+            torch.cuda.synchronize()
+
+
+def model_config(args, dinov2_dir: str, attn: str) -> ModelConfig:
+    cfg = ModelConfig()
+    cfg.vision = VisionConfig(pretrained=dinov2_dir, random_init=True, image_size=args.image_size,
+                              attn_implementation=attn)
+    if args.tiny:
+        cfg.compressor.hidden_dim, cfg.compressor.embed_dim = 24, 16
+        cfg.text = TextConfig(vocab_size=400, max_length=16, num_layers=1, hidden_size=32, num_heads=2)
+        cfg.fusion.num_heads = 2
+        cfg.loss.embed_dim, cfg.loss.queue_size = 16, 64
+    return cfg
+
+
+def build_model(args, cfg: ModelConfig, tokenizer, device, compile_encoder: bool,
+                compile_model: bool = False) -> VisionLanguageModel:
+    torch.manual_seed(0)
+    model = VisionLanguageModel(cfg, tokenizer).to(device).train()
+    if compile_model:
+        model.compile()
+    elif compile_encoder:
+        model.vision.model.compile()  # in place: parameter names (and checkpoints) unchanged
+    return model
+
+
+def synthetic_batch(args, tokenizer, device, seed=0) -> dict:
+    g = torch.Generator().manual_seed(seed)
+    b = args.batch_size
+    tokens = tokenizer(random_captions(b, seed))
+    batch = {"pixel_values": torch.randn(b, 3, args.image_size, args.image_size, generator=g),
+             "image_ids": torch.arange(b) + seed * b, **tokens}
+    return {k: v.to(device, non_blocking=True) for k, v in batch.items()}
+
+
+def make_optimizer(model, device, lr=1e-4):
+    params = [p for _, p in model.trainable_parameters()]
+    return torch.optim.AdamW(params, lr=lr, fused=device.type == "cuda")
+
+
+def train_step(model, optimizer, batch, autocast_dtype):
+    """What the trainer does per step: autocast forward, backward, clip, optimizer step."""
+    with torch.autocast(batch["pixel_values"].device.type, dtype=autocast_dtype, enabled=autocast_dtype is not None):
+        out = model(**batch)
+    out["loss"].backward()
+    torch.nn.utils.clip_grad_norm_([p for _, p in model.trainable_parameters()], 1.0)
+    optimizer.step()
+    optimizer.zero_grad(set_to_none=True)
+    return out
+
+
+def peak_memory_gib(device) -> float | None:
+    return torch.cuda.max_memory_allocated() / 2**30 if device.type == "cuda" else None
+
+
+def reset_peak(device):
+    if device.type == "cuda":
+        torch.cuda.empty_cache()
+        torch.cuda.reset_peak_memory_stats()
+
+
+def profile_step(model, optimizer, batch, dtype, path: Path) -> None:
+    """Where one step's time goes: the top operators by device time and by host time."""
+    from torch.profiler import ProfilerActivity, profile
+    activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if torch.cuda.is_available() else [])
+    with profile(activities=activities) as prof:
+        for _ in range(2):
+            train_step(model, optimizer, batch, dtype)
+        Timer(batch["pixel_values"].device).sync()
+    table = prof.key_averages()
+    sort = "self_cuda_time_total" if torch.cuda.is_available() else "self_cpu_time_total"
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(table.table(sort_by=sort, row_limit=40, max_name_column_width=60) + "\n\n"
+                    + table.table(sort_by="cpu_time_total", row_limit=25, max_name_column_width=60))
+
+
+def count_step_flops(model, optimizer, batch, autocast_dtype) -> int:
+    with FlopCounterMode(display=False) as counter:
+        train_step(model, optimizer, batch, autocast_dtype)
+    return counter.get_total_flops()
+
+
+def bench_matmul(timer, device, args) -> dict:
+    n = 1024 if args.tiny else 8192
+    dtype = torch.float32 if device.type == "cpu" else torch.bfloat16
+    a, b = torch.randn(n, n, device=device, dtype=dtype), torch.randn(n, n, device=device, dtype=dtype)
+    t = timer(lambda: a @ b, warmup=3, iters=10)
+    return {"tflops": 2 * n**3 / t["median_s"] / 1e12, **t}
+
+
+def bench_encoder(timer, device, args, cfg, tokenizer) -> list[dict]:
+    rows = []
+    pixels = torch.randn(args.batch_size, 3, args.image_size, args.image_size, device=device)
+    dtype = torch.bfloat16 if device.type == "cuda" else None
+    for compiled in (False, True) if not args.no_compile else (False,):
+        model = build_model(args, cfg, tokenizer, device, compile_encoder=compiled)
+        encoder = model.vision
+
+        def forward_only():
+            with torch.no_grad(), torch.autocast(device.type, dtype=dtype, enabled=dtype is not None):
+                encoder(pixels)
+
+        reset_peak(device)
+        t = timer(forward_only, warmup=args.warmup, iters=args.steps)
+        rows.append({"name": f"encoder forward{' compiled' if compiled else ''}", "images_per_s":
+                     args.batch_size / t["median_s"], "peak_gib": peak_memory_gib(device), **t})
+        encoder.set_lora_trainable(True)
+        opt = torch.optim.AdamW([p for _, p in encoder.lora_parameters()], lr=1e-4, fused=device.type == "cuda")
+
+        def lora_forward_backward():
+            with torch.autocast(device.type, dtype=dtype, enabled=dtype is not None):
+                loss = encoder(pixels).float().pow(2).mean()
+            loss.backward()
+            opt.step()
+            opt.zero_grad(set_to_none=True)
+
+        reset_peak(device)
+        t = timer(lora_forward_backward, warmup=args.warmup, iters=args.steps)
+        rows.append({"name": f"encoder LoRA fwd+bwd{' compiled' if compiled else ''}", "images_per_s":
+                     args.batch_size / t["median_s"], "peak_gib": peak_memory_gib(device), **t})
+        del model, encoder, opt
+    return rows
+
+
+def bench_steps(timer, device, args, tokenizer, dinov2_dir, matmul_tflops) -> list[dict]:
+    bf16 = torch.bfloat16 if device.type == "cuda" else None
+    # FLOPs per step, counted once on an uncompiled model: the same whichever kernels compute them.
+    model = build_model(args, model_config(args, dinov2_dir, "sdpa"), tokenizer, device, compile_encoder=False)
+    batch = synthetic_batch(args, tokenizer, device)
+    step_flops = {}
+    for phase in (1, 2):
+        model.set_lora_trainable(phase == 2)
+        step_flops[phase] = count_step_flops(model, make_optimizer(model, device), batch, bf16)
+    del model
+
+    rows = []
+    compile_ok = not args.no_compile
+    variants = [("bf16 compiled model", "sdpa", bf16, compile_ok, compile_ok),
+                ("bf16 compiled encoder", "sdpa", bf16, compile_ok, False),
+                ("naive fp32 eager", "eager", None, False, False)]
+    for label, attn, dtype, compile_encoder, compile_model in variants:
+        model = build_model(args, model_config(args, dinov2_dir, attn), tokenizer, device,
+                            compile_encoder=compile_encoder, compile_model=compile_model)
+        batches = [synthetic_batch(args, tokenizer, device, seed=s) for s in range(4)]
+        for phase in (1, 2):
+            model.set_lora_trainable(phase == 2)
+            optimizer = make_optimizer(model, device)
+            counter = iter(range(10**9))
+            reset_peak(device)
+            t = timer(lambda: train_step(model, optimizer, batches[next(counter) % 4], dtype),
+                      warmup=args.warmup, iters=args.steps)
+            rows.append({"name": f"step phase {phase} {label}", "images_per_s": args.batch_size / t["median_s"],
+                         "peak_gib": peak_memory_gib(device), "step_tflop": step_flops[phase] / 1e12,
+                         "mfu": step_flops[phase] / t["median_s"] / (matmul_tflops * 1e12), **t})
+            if args.profile_dir and label == variants[0][0]:
+                profile_step(model, optimizer, batches[0], dtype, Path(args.profile_dir) / f"profile_phase{phase}.txt")
+        del model, batches, optimizer
+    return rows
+
+
+def write_jpegs(folder: Path, n: int, size=(640, 480)) -> None:
+    """Real-size JPEGs with content (noise + shapes), written by several processes."""
+    from concurrent.futures import ProcessPoolExecutor
+    folder.mkdir(parents=True, exist_ok=True)
+    workers = min(16, os.cpu_count() or 1)
+    chunks = [(folder, i, min(i + 500, n), size) for i in range(0, n, 500)]
+    with ProcessPoolExecutor(workers) as pool:
+        list(pool.map(_write_chunk, chunks))
+    with open(folder / "manifest.jsonl", "w") as f:
+        for i in range(n):
+            f.write(json.dumps({"image": f"img{i:06d}.jpg", "caption": f"image number {i % 97} of a test set"}) + "\n")
+
+
+def _write_chunk(job):
+    import numpy as np
+    from PIL import Image
+    folder, start, stop, size = job
+    rng = np.random.default_rng(start)
+    for i in range(start, stop):
+        base = rng.integers(0, 255, size=(size[1] // 8, size[0] // 8, 3), dtype=np.uint8)
+        img = Image.fromarray(base).resize(size, Image.BILINEAR)
+        img.save(folder / f"img{i:06d}.jpg", quality=90)
+
+
+def bench_loader(timer, device, args, tokenizer, dinov2_dir) -> list[dict]:
+    from loravl.data import build_dataloader, build_dataset
+    folder = Path(args.jpeg_dir or tempfile.mkdtemp()) / "jpegs"
+    t0 = time.perf_counter()
+    if not (folder / "manifest.jsonl").exists():
+        write_jpegs(folder, args.num_jpegs)
+    write_s = time.perf_counter() - t0
+    data_cfg = DataConfig(format="jsonl", train_path=str(folder / "manifest.jsonl"), num_workers=args.workers,
+                          prefetch_factor=4)
+    dataset = build_dataset(data_cfg, "train", args.image_size)
+    loader = build_dataloader(dataset, data_cfg, args.batch_size, train=True, seed=0, tokenize=tokenizer)
+    rows = []
+
+    # The loader alone, into pinned batches of 224 px tensors.
+    n_batches = min(args.loader_batches, len(dataset) // args.batch_size - 1)
+    it = iter(loader)
+    next(it)
+    t0 = time.perf_counter()
+    for _ in range(n_batches):
+        batch = next(it)
+    loader_s = time.perf_counter() - t0
+    rows.append({"name": f"loader alone ({args.workers} workers)", "images_per_s": n_batches * args.batch_size / loader_s,
+                 "median_s": loader_s / n_batches, "jpeg_write_s": write_s})
+
+    cfg = model_config(args, dinov2_dir, "sdpa")
+    dtype = torch.bfloat16 if device.type == "cuda" else None
+    model = build_model(args, cfg, tokenizer, device, compile_encoder=not args.no_compile)
+    optimizer = make_optimizer(model, device)
+    keys = ("pixel_values", "input_ids", "attention_mask", "image_ids")
+
+    def step_from_loader():
+        batch = next(it)
+        train_step(model, optimizer, {k: batch[k].to(device, non_blocking=True) for k in keys}, dtype)
+
+    it = iter(loader)
+    t = timer(step_from_loader, warmup=args.warmup, iters=min(args.steps, n_batches - args.warmup - 1))
+    rows.append({"name": "step phase 1 fed by JPEG loader", "images_per_s": args.batch_size / t["median_s"], **t})
+    return rows
+
+
+def bench_generate(timer, device, args, cfg, tokenizer) -> dict:
+    model = build_model(args, cfg, tokenizer, device, compile_encoder=False).eval()
+    b = 256 if not args.tiny else 4
+    pixels = torch.randn(b, 3, args.image_size, args.image_size, device=device)
+    dtype = torch.bfloat16 if device.type == "cuda" else None
+
+    def run():
+        with torch.autocast(device.type, dtype=dtype, enabled=dtype is not None):
+            # min_new_tokens: a random model may emit <eos> early; time all 30 tokens
+            model.generate(pixels, max_new_tokens=30, min_new_tokens=30)
+
+    t = timer(run, warmup=1, iters=max(2, args.steps // 4))
+    return {"name": f"generate greedy b={b} 30 tokens", "images_per_s": b / t["median_s"], **t}
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--batch_size", type=int, default=128)
+    p.add_argument("--image_size", type=int, default=224)
+    p.add_argument("--steps", type=int, default=20)
+    p.add_argument("--warmup", type=int, default=5)
+    p.add_argument("--sections", default="matmul,encoder,step,loader,generate")
+    p.add_argument("--no_compile", action="store_true")
+    p.add_argument("--workers", type=int, default=max(1, (os.cpu_count() or 2) - 2))
+    p.add_argument("--num_jpegs", type=int, default=8000)
+    p.add_argument("--loader_batches", type=int, default=40)
+    p.add_argument("--jpeg_dir", default="")
+    p.add_argument("--profile_dir", default="", help="write a profiler table of one step per phase here")
+    p.add_argument("--tiny", action="store_true", help="tiny model for a CPU smoke test")
+    p.add_argument("--out", default="throughput.json")
+    args = p.parse_args()
+    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    torch.backends.cuda.matmul.allow_tf32 = True
+    torch.backends.cudnn.allow_tf32 = True
+    timer = Timer(device)
+    sections = set(args.sections.split(","))
+
+    with tempfile.TemporaryDirectory() as dinov2_dir:
+        if args.tiny:
+            Dinov2Config(hidden_size=32, num_hidden_layers=2, num_attention_heads=2, intermediate_size=64,
+                         patch_size=14, image_size=args.image_size).save_pretrained(dinov2_dir)
+            tokenizer = random_word_tokenizer(400, 16)
+        else:
+            dinov2_dir = str(ROOT / "configs/models/dinov2-base")
+            tokenizer = random_word_tokenizer(ModelConfig().text.vocab_size, ModelConfig().text.max_length)
+        results: dict = {"device": torch.cuda.get_device_name() if device.type == "cuda" else "cpu",
+                         "torch": torch.__version__, "batch_size": args.batch_size, "image_size": args.image_size,
+                         "rows": []}
+        import transformers
+        results["transformers"] = transformers.__version__
+        matmul_tflops = float("nan")
+        if "matmul" in sections:
+            m = bench_matmul(timer, device, args)
+            matmul_tflops = m["tflops"]
+            results["matmul"] = m
+            print(f"matmul {'bf16' if device.type == 'cuda' else 'fp32'}: {matmul_tflops:.1f} TFLOP/s", flush=True)
+        cfg = model_config(args, dinov2_dir, "sdpa")
+        for name, fn in (("encoder", lambda: bench_encoder(timer, device, args, cfg, tokenizer)),
+                         ("step", lambda: bench_steps(timer, device, args, tokenizer, dinov2_dir, matmul_tflops)),
+                         ("loader", lambda: bench_loader(timer, device, args, tokenizer, dinov2_dir)),
+                         ("generate", lambda: [bench_generate(timer, device, args, cfg, tokenizer)])):
+            if name not in sections:
+                continue
+            try:
+                new_rows = fn()
+            except Exception as e:  # one failing section must not lose the others' figures
+                new_rows = [{"name": f"{name} FAILED", "error": f"{type(e).__name__}: {e}"}]
+            for row in new_rows:
+                print(json.dumps(row), flush=True)
+            results["rows"].extend(new_rows)
+            Path(args.out).write_text(json.dumps(results, indent=2))
+
+    print(f"\n{'measurement':<42}{'img/s':>10}{'ms/step':>10}{'peak GiB':>10}{'MFU':>8}")
+    for r in results["rows"]:
+        if "error" in r:
+            print(f"{r['name']:<42} {r['error'][:200]}")
+            continue
+        peak = f"{r['peak_gib']:.1f}" if r.get("peak_gib") is not None else "-"
+        mfu = f"{100 * r['mfu']:.1f}%" if r.get("mfu") is not None else "-"
+        print(f"{r['name']:<42}{r['images_per_s']:>10.0f}{1e3 * r['median_s']:>10.1f}{peak:>10}{mfu:>8}")
+    Path(args.out).write_text(json.dumps(results, indent=2))
+
+
+if __name__ == "__main__":
+    main()
