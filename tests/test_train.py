@@ -28,7 +28,7 @@ TINY = [
     "--model.text.hidden_size", "32", "--model.text.num_heads", "2", "--model.text.max_length", "12",
     "--model.text.vocab_size", "320",
     "--model.fusion.num_heads", "2", "--model.loss.embed_dim", "16", "--model.loss.queue_size", "32",
-    "--data.demo_image_size", "32", "--data.demo_val_size", "4", "--data.num_workers", "0",
+    "--data.demo_image_size", "32", "--data.demo_val_size", "4", "--data.num_workers", "0", "--data.val_path", "",
     "--train.batch_size", "4", "--train.log_every", "1", "--train.warmup_steps", "3", "--train.save_every", "100",
     "--train.keep_last", "10", "--train.lora_warmup_epochs", "1",
 ]
@@ -157,17 +157,19 @@ def test_exact_resume_chain_add_group(tmp_path, data_root):
 
 
 def test_exact_resume_recreate_two_ranks(tmp_path, data_root):
-    """Two ranks, lora_unfreeze_optimizer=recreate, interrupted inside phase 2: per-rank RNG and loader states."""
-    common = ("--train.epochs", "3", "--train.lora_unfreeze_optimizer", "recreate")
-    reference = tmp_path / "reference"
+    """Two ranks, lora_unfreeze_optimizer=recreate, a loader worker per rank, 2 micro-batches per step;
+    interrupted inside phase 2: per-rank RNG and loader states, the recreated optimizer's state."""
+    common = ("--train.epochs", "3", "--train.lora_unfreeze_optimizer", "recreate", "--data.num_workers", "1",
+              "--train.grad_accum_steps", "2")
+    reference = tmp_path / "reference"  # 2 steps per epoch; phase 2 from step 3
     run(run_args(reference, data_root, 32, *common), nproc=2)
     resumed = tmp_path / "resumed"
-    run(run_args(resumed, data_root, 32, *common, "--train.stop_at_step", "6"), nproc=2)
-    assert latest(resumed) == "step_00000006"
-    assert (resumed / "ckpt" / "step_00000006" / "rank_1.pt").is_file()
+    run(run_args(resumed, data_root, 32, *common, "--train.stop_at_step", "3"), nproc=2)
+    assert latest(resumed) == "step_00000003"
+    assert (resumed / "ckpt" / "step_00000003" / "rank_1.pt").is_file()
     run(run_args(resumed, data_root, 32, *common, "--train.resume", "latest"), nproc=2)
     assert losses(read_steps(resumed)) == losses(read_steps(reference))
-    assert len(read_steps(reference)) == 12
+    assert len(read_steps(reference)) == 6 and read_steps(reference)[3]["phase"] == 2
 
 
 # Crashes and signals

@@ -60,6 +60,8 @@ def _train(cfg: RunConfig, env: "DistributedEnv") -> VisionLanguageModel:
     setup_logging(Path(tc.log_dir), env.rank)
     precision = choose_precision(tc.mixed_precision, env.device)
     logger.info("Run: %d process(es) on %s, precision %s", env.world_size, env.device, precision.name)
+    if tc.compile:
+        logger.warning("train.compile is not supported by the stage-1 trainer yet; running eagerly")
     checkpointer = Checkpointer(tc.checkpoint_dir, tc.keep_last, env.rank, env.world_size)
     resume_from = find_resume_checkpoint(tc)
 
