@@ -22,11 +22,24 @@ def rank() -> int:
     return dist.get_rank() if is_distributed() else 0
 
 
+_cpu_group = None
+
+
+def _host_group():
+    """A gloo group for exchanging host-side integers: no GPU synchronisation (the default group may be NCCL)."""
+    global _cpu_group
+    if dist.get_backend() == "gloo":
+        return None
+    if _cpu_group is None:
+        _cpu_group = dist.new_group(backend="gloo")  # every rank reaches this in the same forward
+    return _cpu_group
+
+
 def _batch_sizes(n: int, device: torch.device) -> list[int]:
-    size = torch.tensor([n], device=device, dtype=torch.long)
+    size = torch.tensor([n], dtype=torch.long)
     sizes = [torch.zeros_like(size) for _ in range(world_size())]
-    dist.all_gather(sizes, size)
-    return [int(s.item()) for s in sizes]
+    dist.all_gather(sizes, size, group=_host_group())
+    return [int(s) for s in sizes]
 
 
 def _pad_to(t: torch.Tensor, n: int) -> torch.Tensor:
