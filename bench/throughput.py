@@ -250,8 +250,8 @@ def write_jpegs(folder: Path, n: int, size=(640, 480)) -> None:
     with ProcessPoolExecutor(workers) as pool:
         list(pool.map(_write_chunk, chunks))
     with open(folder / "manifest.jsonl", "w") as f:
-        for i in range(n):
-            f.write(json.dumps({"image": f"img{i:06d}.jpg", "caption": f"image number {i % 97} of a test set"}) + "\n")
+        for i, caption in enumerate(random_captions(n, seed=1)):
+            f.write(json.dumps({"image": f"img{i:06d}.jpg", "caption": caption}) + "\n")
 
 
 def _write_chunk(job):

@@ -117,3 +117,22 @@ def test_registers_variant_and_compressor_width_follow_the_encoder(tmp_path):
     assert tokens.shape == (2, num_image_tokens(encoder, 28), 48) == (2, 9, 48)
     compressed = TokenCompressor(encoder.hidden_size, CompressorConfig())(tokens)
     assert compressed.shape == (2, 9, 128)
+
+
+def test_random_init_gets_position_embeddings_as_strong_as_the_patch_signal(tmp_path):
+    # A random DINOv2 draws positions at std 0.02 (~5% of the patch signal): nothing downstream could learn
+    # "left of". random_init replaces them with fixed 2-D sin-cos embeddings at the patch projection's scale.
+    from transformers import Dinov2Model
+    Dinov2Model(tiny_dinov2_config(image_size=56)).save_pretrained(tmp_path)
+    encoder = VisionEncoder(VisionConfig(pretrained=str(tmp_path), random_init=True, image_size=56))
+    embeddings = encoder.model.base_model.model.embeddings
+    positions = embeddings.position_embeddings[0, 1:]  # 4x4 patches
+    weight = embeddings.patch_embeddings.projection.weight
+    patch_scale = float(weight.std() * weight[0].numel() ** 0.5)
+    assert abs(float(positions.std()) - patch_scale) < 1e-3 * patch_scale
+    # Neighbours are more alike than far-apart patches, along both axes.
+    cos = torch.nn.functional.cosine_similarity
+    assert cos(positions[0], positions[1], dim=0) > cos(positions[0], positions[3], dim=0)
+    assert cos(positions[0], positions[4], dim=0) > cos(positions[0], positions[12], dim=0)
+    loaded = VisionEncoder(VisionConfig(pretrained=str(tmp_path), image_size=56))  # from weights: untouched
+    assert not torch.allclose(loaded.model.base_model.model.embeddings.position_embeddings[0, 1:], positions)

@@ -125,6 +125,9 @@ class FusionConfig:
 class LossConfig:
     # Width of the ITC embedding space both modalities are projected into.
     embed_dim: int = 256
+    # The ITC image embedding: the compressed CLS token (cls) or the mean of all compressed tokens (mean, as
+    # open_clip's 'avg' pool; for encoders whose CLS carries little, e.g. a randomly initialised one).
+    image_pooling: str = "cls"
     temperature: float = 0.07
     min_temperature: float = 0.001
     max_temperature: float = 0.5
@@ -141,6 +144,7 @@ class LossConfig:
 
     def validate(self, prefix: str) -> None:
         _check(self.embed_dim > 0, prefix, "embed_dim", "must be > 0")
+        _check(self.image_pooling in ("cls", "mean"), prefix, "image_pooling", "must be 'cls' or 'mean'")
         _check(0 < self.min_temperature <= self.temperature <= self.max_temperature, prefix, "temperature",
                "must lie in [min_temperature, max_temperature] and be > 0")
         _check(self.queue_size >= 0, prefix, "queue_size", "must be >= 0")

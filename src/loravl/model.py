@@ -104,10 +104,14 @@ class VisionLanguageModel(nn.Module):
 
     # -- encoders -----------------------------------------------------------------------------------------------
 
+    def pool_image(self, image_tokens: torch.Tensor) -> torch.Tensor:
+        """The token(s) the ITC image embedding is made from (``loss.image_pooling``)."""
+        return image_tokens[:, 0] if self.cfg.loss.image_pooling == "cls" else image_tokens.mean(dim=1)
+
     def encode_image(self, pixel_values: torch.Tensor) -> dict[str, torch.Tensor]:
         encoder_tokens = self.vision(pixel_values)
         image_tokens = self.compressor(encoder_tokens)
-        image_feat = F.normalize(self.vision_proj(image_tokens[:, 0]), dim=-1)
+        image_feat = F.normalize(self.vision_proj(self.pool_image(image_tokens)), dim=-1)
         return {"encoder_tokens": encoder_tokens, "image_tokens": image_tokens, "image_feat": image_feat}
 
     def encode_text(self, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> dict[str, torch.Tensor]:
@@ -166,7 +170,7 @@ class VisionLanguageModel(nn.Module):
             if self.training:
                 self.momentum_update()
             image_tokens_m = self.compressor_m(image["encoder_tokens"].detach())
-            image_feat_m = F.normalize(self.vision_proj_m(image_tokens_m[:, 0]), dim=-1)
+            image_feat_m = F.normalize(self.vision_proj_m(self.pool_image(image_tokens_m)), dim=-1)
             text_feat_m = F.normalize(
                 self.text_proj_m(gather_eos(encode_text(self.text_m, input_ids, attention_mask), attention_mask)),
                 dim=-1)

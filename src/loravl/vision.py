@@ -7,6 +7,7 @@ last layer. LoRA starts frozen too: the trainer unfreezes it at the phase switch
 from __future__ import annotations
 
 import logging
+import math
 from dataclasses import dataclass
 
 import torch
@@ -132,8 +133,32 @@ def load_dinov2(cfg: VisionConfig) -> nn.Module:
             f"expected one of {DINOV2_MODEL_TYPES}"
         )
     if cfg.random_init:
-        return AutoModel.from_config(hf_config, attn_implementation=cfg.attn_implementation)
+        model = AutoModel.from_config(hf_config, attn_implementation=cfg.attn_implementation)
+        set_sincos_position_embeddings(model.embeddings)
+        return model
     return AutoModel.from_pretrained(cfg.pretrained, attn_implementation=cfg.attn_implementation)
+
+
+@torch.no_grad()
+def set_sincos_position_embeddings(embeddings: nn.Module) -> None:
+    """Fixed 2-D sin-cos patch position embeddings (as MAE), as strong as the patch projection's output.
+
+    A randomly initialised DINOv2 draws its position embeddings at std 0.02, some 5% of what the patch projection
+    gives a normalised image: its tokens then barely say where they are, and nothing downstream can learn
+    "left of". Pretrained checkpoints are never touched.
+    """
+    table = embeddings.position_embeddings  # [1, 1 + grid*grid, D]
+    grid, dim = math.isqrt(table.shape[1] - 1), table.shape[2]
+    if grid * grid != table.shape[1] - 1 or dim % 4:
+        return  # not a square grid: keep the random init
+    weight = embeddings.patch_embeddings.projection.weight  # [D, C, p, p]
+    scale = float(weight.std() * math.sqrt(weight[0].numel()))  # output std for unit-variance pixels
+    omega = 1.0 / 10000 ** (torch.arange(dim // 4, dtype=torch.float64) / (dim // 4))
+    ys, xs = torch.meshgrid(torch.arange(grid, dtype=torch.float64), torch.arange(grid, dtype=torch.float64),
+                            indexing="ij")
+    parts = [f(axis.flatten()[:, None] * omega[None]) for axis in (ys, xs) for f in (torch.sin, torch.cos)]
+    sincos = torch.cat(parts, dim=1)  # [grid*grid, D], per-element std ~0.71
+    table[0, 1:] = (sincos * scale / sincos.std()).to(table.dtype)
 
 
 class VisionEncoder(nn.Module):

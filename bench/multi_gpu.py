@@ -1,0 +1,156 @@
+"""The real trainer on 1..N GPUs of one host: throughput and scaling, the LoRA phase switch, kill and resume.
+
+    python3 bench/multi_gpu.py --gpus 1,2 --out /tmp/multi            # nvidia-h200-x2
+    python3 bench/multi_gpu.py --gpus 1,2,8 --num_jpegs 50000 ...     # nvidia-h200-x8 (issue 8)
+
+For each GPU count it launches ``torchrun --nproc_per_node=N src/train_stage1_vision_language.py`` on synthetic
+640x480 JPEGs written to local disk (the stage-1 recipe with dinov2-base, random weights, batch 128 per GPU,
+compiled), switching LoRA on after ``--lora_warmup_steps`` steps, and reads images/s from the training log (global,
+all ranks; the first log intervals, which hold compilation, are left out). Then, at the largest count, it kills
+the run right after a checkpoint with SIGKILL, runs ``--resume latest`` and checks that training continues from
+that step. Prints a table and writes ``results.json`` under ``--out``.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import re
+import shlex
+import signal
+import statistics
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT / "bench"))
+
+LINE = re.compile(r"step (\d+)/\d+ .*\| ([\d.]+) img/s")
+# NVLink multicast stays off on shared hosts (device README).
+ENV = {**os.environ, "NCCL_NVLS_ENABLE": "0", "TORCH_SYMM_MEM_DISABLE_MULTICAST": "1", "NVSHMEM_DISABLE_NVLS": "1",
+       "PYTHONUNBUFFERED": "1"}
+
+
+def trainer_command(n: int, args, run_dir: Path, manifest: Path, extra: list[str]) -> list[str]:
+    return [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={n}",
+            str(ROOT / "src/train_stage1_vision_language.py"), "--config", str(ROOT / "configs/stage1.yaml"),
+            "--model.vision.pretrained", str(ROOT / "configs/models/dinov2-base"), "--model.vision.random_init", "true",
+            "--data.format", "jsonl", "--data.train_path", str(manifest), "--data.num_workers", str(args.workers),
+            "--train.batch_size", str(args.batch_size), "--train.max_steps", str(args.steps),
+            "--train.lora_warmup_steps", str(args.lora_warmup_steps), "--train.warmup_steps", "10",
+            "--train.log_every", str(args.log_every), "--train.compile", "true", "--train.num_gpus", str(n),
+            "--train.log_dir", str(run_dir / "logs"), "--train.checkpoint_dir", str(run_dir / "checkpoints"),
+            *shlex.split(args.extra), *extra]
+
+
+def images_per_second(log: Path, first_step: int, last_step: int) -> float | None:
+    """Median of the logged img/s over log intervals ending in (first_step, last_step]."""
+    rates = [float(m.group(2)) for m in map(LINE.search, log.read_text().splitlines())
+             if m and first_step < int(m.group(1)) <= last_step]
+    return statistics.median(rates) if rates else None
+
+
+def run(n: int, args, manifest: Path) -> dict:
+    run_dir = Path(args.out) / f"gpus{n}"
+    cmd = trainer_command(n, args, run_dir, manifest, ["--train.save_every", str(args.steps)])
+    t0 = time.time()
+    proc = subprocess.run(cmd, env=ENV, capture_output=True, text=True, timeout=args.timeout)
+    (run_dir / "stdout.txt").write_text(proc.stdout + proc.stderr)
+    log = run_dir / "logs/training.log"
+    text = log.read_text() if log.exists() else ""
+    # Leave out the intervals that hold compilation: the first two of each phase.
+    skip = 2 * args.log_every
+    result = {
+        "gpus": n, "returncode": proc.returncode, "wall_s": round(time.time() - t0, 1),
+        "phase1_images_per_s": images_per_second(log, skip, args.lora_warmup_steps) if text else None,
+        "phase2_images_per_s": images_per_second(log, args.lora_warmup_steps + skip, args.steps) if text else None,
+        "phase1_lines": text.count("Phase 1: LoRA adapters FROZEN"),
+        "phase2_lines": text.count("Phase 2: LoRA adapters UNFROZEN"),
+        "replica_checks": re.findall(r"Replica check at step \d+: .*", text),
+        "memory": re.findall(r"mem ([\d.]+)GiB", text)[-1:],
+    }
+    if proc.returncode != 0:
+        result["error_tail"] = (proc.stdout + proc.stderr)[-3000:]
+    return result
+
+
+def kill_and_resume(n: int, args, manifest: Path) -> dict:
+    """Kill (SIGKILL) right after the first checkpoint, then --resume latest: does it continue from there?"""
+    run_dir = Path(args.out) / f"resume_gpus{n}"
+    save_every = args.lora_warmup_steps + 10  # the checkpoint holds phase 2 (the optimizer's LoRA group)
+    # A run far longer than the kill point, so that the kill always lands mid-training.
+    cmd = trainer_command(n, args, run_dir, manifest, ["--train.save_every", str(save_every),
+                                                       "--train.max_steps", str(10 * args.steps)])
+    proc = subprocess.Popen(cmd, env=ENV, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+                            start_new_session=True)
+    latest = run_dir / "checkpoints/latest"
+    while not latest.exists() and proc.poll() is None:  # the pointer moves last: a complete checkpoint is there
+        time.sleep(0.1)
+    os.killpg(proc.pid, signal.SIGKILL)
+    proc.wait()
+    saved_step = int(re.search(r"(\d+)\s*$", latest.read_text()).group(1)) if latest.exists() else None
+    resumed = subprocess.run(cmd + ["--train.resume", "latest", "--train.max_steps", str((saved_step or 0) + 20)],
+                             env=ENV, capture_output=True, text=True, timeout=args.timeout)
+    text = (run_dir / "logs/training.log").read_text()
+    m = re.search(r"Resumed from (\S+) at epoch (\d+) step (\d+)", text)
+    steps_after = [int(s) for s in re.findall(r"step (\d+)/", text.split("Resumed from")[-1])] if m else []
+    return {"gpus": n, "killed_after_step": saved_step, "resume_returncode": resumed.returncode,
+            "resumed_line": m.group(0) if m else None, "first_logged_step_after_resume": min(steps_after, default=None),
+            "last_logged_step": max(steps_after, default=None),
+            "error_tail": None if resumed.returncode == 0 else (resumed.stdout + resumed.stderr)[-3000:]}
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--gpus", default="1,2")
+    p.add_argument("--num_jpegs", type=int, default=50000)
+    p.add_argument("--batch_size", type=int, default=128)
+    p.add_argument("--steps", type=int, default=120)
+    p.add_argument("--lora_warmup_steps", type=int, default=60)
+    p.add_argument("--log_every", type=int, default=10)
+    p.add_argument("--workers", type=int, default=6, help="loader workers per GPU")
+    p.add_argument("--timeout", type=int, default=900)
+    p.add_argument("--skip_resume", action="store_true")
+    p.add_argument("--extra", default="", help="more trainer overrides, e.g. a tiny model for a CPU smoke test")
+    p.add_argument("--out", default="/tmp/loravl_multi_gpu")
+    args = p.parse_args()
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+
+    from throughput import write_jpegs
+    jpegs = out / "jpegs"
+    t0 = time.time()
+    if not (jpegs / "manifest.jsonl").exists():
+        write_jpegs(jpegs, args.num_jpegs)
+    print(f"{args.num_jpegs} JPEGs ready in {time.time() - t0:.0f}s", flush=True)
+
+    results = {"runs": [], "args": vars(args)}
+    for n in [int(x) for x in args.gpus.split(",")]:
+        r = run(n, args, jpegs / "manifest.jsonl")
+        print(json.dumps(r), flush=True)
+        results["runs"].append(r)
+        (out / "results.json").write_text(json.dumps(results, indent=2))
+    base = results["runs"][0]
+    for r in results["runs"]:
+        for phase in ("phase1", "phase2"):
+            one, many = base[f"{phase}_images_per_s"], r[f"{phase}_images_per_s"]
+            if one and many:
+                r[f"{phase}_scaling_efficiency"] = many / (one * r["gpus"] / base["gpus"])
+    if not args.skip_resume:
+        results["resume"] = kill_and_resume(max(int(x) for x in args.gpus.split(",")), args, jpegs / "manifest.jsonl")
+        print(json.dumps(results["resume"]), flush=True)
+    (out / "results.json").write_text(json.dumps(results, indent=2))
+
+    print(f"\n{'GPUs':>4} {'phase 1 img/s':>14} {'per GPU':>8} {'eff.':>6} {'phase 2 img/s':>14} {'per GPU':>8} {'eff.':>6}")
+    for r in results["runs"]:
+        def fmt(phase):
+            v, e = r.get(f"{phase}_images_per_s"), r.get(f"{phase}_scaling_efficiency")
+            return (f"{v:>14.0f} {v / r['gpus']:>8.0f} {e * 100 if e else float('nan'):>5.1f}%" if v
+                    else f"{'-':>14} {'-':>8} {'-':>6}")
+        print(f"{r['gpus']:>4} {fmt('phase1')} {fmt('phase2')}")
+
+
+if __name__ == "__main__":
+    main()
