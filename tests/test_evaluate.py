@@ -192,3 +192,20 @@ def test_evaluate_cli_writes_metrics_json(tiny_model, tiny_model_config, tmp_pat
     assert metrics["num_images"] == 4  # the override reached the data config (a fresh 4-image demo val split)
     assert {"i2t_r1", "t2i_r10", "itm_i2t_r1", "exact_match", "bleu_4", "cider"} <= set(metrics)
     assert "generated" in result.stdout and "i2t_r1=" in result.stdout
+
+
+def test_an_identical_caption_of_another_image_is_not_a_miss():
+    from loravl.evaluate import retrieval_recall, same_caption_mask
+    references = [["a red circle left of a blue square"], ["a red circle left of a blue square"], ["a green square"]]
+    texts = [r[0] for r in references]
+    positive = same_caption_mask(references, texts)
+    assert positive.tolist() == [[True, True, False], [True, True, False], [False, False, True]]
+    # Images 0 and 1 have the same caption, so their text features tie: the strict rule counts both as misses.
+    sim = torch.tensor([[0.9, 0.9, 0.1], [0.9, 0.9, 0.1], [0.1, 0.1, 0.8]])
+    strict = retrieval_recall(sim, [0, 1, 2], ks=(1,))
+    assert strict["i2t_r1"] == pytest.approx(1 / 3)
+    widened = retrieval_recall(sim, [0, 1, 2], ks=(1,), positive=positive)
+    assert widened["i2t_r1"] == 1.0 and widened["t2i_r1"] == 1.0
+    # A real negative still counts: image 2's only caption is ranked below another text.
+    sim[2] = torch.tensor([0.9, 0.1, 0.5])
+    assert retrieval_recall(sim, [0, 1, 2], ks=(1,), positive=positive)["i2t_r1"] == pytest.approx(2 / 3)

@@ -44,13 +44,18 @@ _BELOW_CANDIDATES = 1.0e4
 
 
 def retrieval_recall(sim_i2t: torch.Tensor, text_to_image: Union[torch.Tensor, Sequence[int]],
-                     sim_t2i: Optional[torch.Tensor] = None, ks: Sequence[int] = RECALL_KS) -> dict[str, float]:
+                     sim_t2i: Optional[torch.Tensor] = None, ks: Sequence[int] = RECALL_KS,
+                     positive: Optional[torch.Tensor] = None) -> dict[str, float]:
     """Recall@k both ways from score matrices.
 
     sim_i2t: [num_images, num_texts] scores for ranking texts per image; sim_t2i: [num_texts, num_images] for
     ranking images per text (default ``sim_i2t.T``; re-ranking makes the two differ). text_to_image[j]: the image
     index of text j. Ties count against the query (a candidate scored equal to the positive ranks ahead of it),
     so a constant scorer gets zero, not a perfect score.
+
+    ``positive`` [num_images, num_texts] (default: text j is positive for image text_to_image[j] only) widens what
+    counts as a hit: ``evaluate_model`` passes "the text is, word for word, one of the image's captions", so two
+    images with the same caption (frequent in the demo's 420-caption world) do not count as each other's misses.
 
     Returns ``i2t_r{k}``, ``t2i_r{k}`` and ``r_mean`` (their mean, as ALBEF reports), as fractions.
     """
@@ -65,15 +70,16 @@ def retrieval_recall(sim_i2t: torch.Tensor, text_to_image: Union[torch.Tensor, S
     if num_texts and (owner.min() < 0 or owner.max() >= num_images):
         raise ValueError("text_to_image holds an index outside [0, num_images)")
 
-    positive = owner[None, :] == torch.arange(num_images)[:, None]  # [images, texts]
+    own = owner[None, :] == torch.arange(num_images)[:, None]  # [images, texts]
+    positive = own if positive is None else (positive.cpu().bool() | own)
     has_text = positive.any(dim=1)
     # Image -> text: rank of the best-scored positive = how many negatives score at least as high.
     best_positive = sim_i2t.masked_fill(~positive, -math.inf).max(dim=1).values
     i2t_rank = ((sim_i2t >= best_positive[:, None]) & ~positive).sum(dim=1)[has_text]
-    # Text -> image: how many other images score at least as high as the text's own image.
-    own_score = sim_t2i.gather(1, owner[:, None])
-    others = torch.ones_like(sim_t2i, dtype=torch.bool).scatter_(1, owner[:, None], False)
-    t2i_rank = ((sim_t2i >= own_score) & others).sum(dim=1)
+    # Text -> image: how many non-positive images score at least as high as the text's best positive image.
+    positive_t = positive.t()
+    own_score = sim_t2i.masked_fill(~positive_t, -math.inf).max(dim=1, keepdim=True).values
+    t2i_rank = ((sim_t2i >= own_score) & ~positive_t).sum(dim=1)
 
     out: dict[str, float] = {}
     for k in ks:
@@ -83,6 +89,18 @@ def retrieval_recall(sim_i2t: torch.Tensor, text_to_image: Union[torch.Tensor, S
     values = [out[f"i2t_r{k}"] for k in ks] + [out[f"t2i_r{k}"] for k in ks]
     out["r_mean"] = sum(values) / len(values)
     return out
+
+
+def same_caption_mask(references: Sequence[Sequence[str]], texts: Sequence[str]) -> torch.Tensor:
+    """[images, texts]: text j is word for word (after normalising) one of image i's reference captions."""
+    index: dict[str, list[int]] = {}
+    for j, text in enumerate(texts):
+        index.setdefault(normalize_caption(text), []).append(j)
+    mask = torch.zeros(len(references), len(texts), dtype=torch.bool)
+    for i, refs in enumerate(references):
+        for ref in refs:
+            mask[i, index.get(normalize_caption(ref), [])] = True
+    return mask
 
 
 def chance_recall(num_images: int, captions_per_image: float, ks: Sequence[int] = RECALL_KS) -> dict[str, float]:
@@ -296,12 +314,14 @@ def evaluate_model(model: "VisionLanguageModel", data: Any, cfg: RunConfig, *, k
                                      dtype=torch.long)
         text_feats, text_states, text_mask = _encode_texts(model, texts, batch_size)
         sim_i2t = collected.image_feats @ text_feats.t()
-        metrics: dict[str, Any] = dict(retrieval_recall(sim_i2t, text_to_image))
+        positive = same_caption_mask(collected.references, texts)
+        metrics: dict[str, Any] = dict(retrieval_recall(sim_i2t, text_to_image, positive=positive))
         if itm_rerank_enabled and k_test > 0:
             with autocast_for(model_device(model)):
                 score_i2t, score_t2i = itm_rerank(model, sim_i2t, collected.image_tokens, text_states, text_mask,
                                                   k_test)
-            metrics.update({f"itm_{k}": v for k, v in retrieval_recall(score_i2t, text_to_image, score_t2i).items()})
+            metrics.update({f"itm_{k}": v for k, v in
+                            retrieval_recall(score_i2t, text_to_image, score_t2i, positive=positive).items()})
         if caption:
             metrics.update(caption_scores(collected.captions, collected.references))
         metrics["num_images"] = len(collected.image_ids)
