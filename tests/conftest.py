@@ -61,3 +61,12 @@ def tiny_batch(tokenizer: CaptionTokenizer, batch_size: int = 4, image_ids=None,
     tokens = tokenizer(captions)
     ids = torch.arange(batch_size) if image_ids is None else torch.as_tensor(image_ids)
     return {"pixel_values": torch.randn(batch_size, 3, 28, 28, generator=g), "image_ids": ids, **tokens}
+
+
+@pytest.fixture
+def single_thread():
+    """One intra-op thread: small tensors on the shared 2-core machine run several times faster than with two."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)

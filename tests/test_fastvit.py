@@ -15,13 +15,7 @@ from loravl.vision import VisionEncoder, num_image_tokens
 from conftest import tiny_batch
 
 
-@pytest.fixture(autouse=True)
-def single_thread():
-    # Small convolutions on a shared 2-core machine: one intra-op thread avoids oversubscription stalls.
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("single_thread")
 
 
 @pytest.fixture(scope="module")
