@@ -12,7 +12,6 @@ Single-device code: the only cross-rank steps are the gathers in loravl.distribu
 from __future__ import annotations
 
 import copy
-from typing import Optional
 
 import torch
 import torch.nn.functional as F
