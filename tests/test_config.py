@@ -37,6 +37,8 @@ def test_wrong_type_and_impossible_value_name_the_field():
         load_config(None, ["--model.vision.lora.rank", "0"])
     with pytest.raises(ConfigError, match=r"model.loss.itm_negatives must be"):
         load_config(None, ["--itm_negatives", "random"])
+    with pytest.raises(ConfigError, match=r"model.loss.image_pooling_heads must divide the image token width"):
+        load_config(None, ["--image_pooling", "attention", "--image_pooling_heads", "3"])
 
 
 def test_ambiguous_flat_flag_lists_the_choices():

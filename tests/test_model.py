@@ -60,6 +60,36 @@ def test_momentum_copies_follow_by_ema_and_queue_fills(tiny_model_config, tiny_t
     assert int(model.queue.filled) == 8
 
 
+def test_attention_pooling_trains_its_probe_and_keeps_a_momentum_copy(tiny_model_config, tiny_tokenizer):
+    model = _model(tiny_model_config, tiny_tokenizer, image_pooling="attention", image_pooling_heads=2, momentum=0.5)
+    pool_params = {n for n, _ in model.image_pool.named_parameters()}
+    assert {"probe", "attn.in_proj_weight", "norm.weight", "mlp.0.weight"} <= pool_params
+    opt = torch.optim.SGD([p for _, p in model.trainable_parameters()], lr=0.5)
+    model(**tiny_batch(tiny_tokenizer, 4))["loss"].backward()
+    assert model.image_pool.probe.grad is not None and model.image_pool.probe.grad.abs().sum() > 0
+    assert model.image_pool_m.probe.grad is None and not model.image_pool_m.probe.requires_grad
+    opt.step()
+    momentum_before = model.image_pool_m.probe.detach().clone()
+    model(**tiny_batch(tiny_tokenizer, 4, seed=1))
+    torch.testing.assert_close(model.image_pool_m.probe, 0.5 * momentum_before + 0.5 * model.image_pool.probe)
+
+
+def test_attention_pool_weights_tokens_by_content():
+    from loravl.pooling import ImagePool
+
+    torch.manual_seed(0)
+    pool = ImagePool("attention", 8, num_heads=2).eval()
+    tokens = torch.randn(3, 5, 8)
+    out = pool(tokens)
+    assert out.shape == (3, 8)
+    # Unlike a mean, the pool is not linear in the tokens: doubling every token does not double the output.
+    assert not torch.allclose(pool(2 * tokens), 2 * out, atol=1e-3)
+    torch.testing.assert_close(ImagePool("mean", 8)(tokens), tokens.mean(dim=1))
+    torch.testing.assert_close(ImagePool("cls", 8)(tokens), tokens[:, 0])
+    with pytest.raises(ValueError, match="image_pooling_heads"):
+        ImagePool("attention", 8, num_heads=3)
+
+
 def test_eval_forward_leaves_queue_and_momentum_alone(tiny_model_config, tiny_tokenizer):
     model = _model(tiny_model_config, tiny_tokenizer).eval()
     before = {k: v.clone() for k, v in model.state_dict().items()}

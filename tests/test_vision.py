@@ -48,6 +48,26 @@ def test_phase1_builds_no_graph_through_encoder(tiny_dinov2_path):
     assert encoder(torch.randn(1, 3, 28, 28)).grad_fn is not None
 
 
+def test_frozen_encoder_runs_without_dropout_and_trains_with_it(tiny_dinov2_path):
+    # A frozen LoRA path gets no dropout noise (the encoder is a fixed function in phase 1); once LoRA trains,
+    # its dropout is back.
+    torch.manual_seed(0)
+    encoder = VisionEncoder(VisionConfig(pretrained=tiny_dinov2_path, image_size=28,
+                                         lora=LoraConfig(rank=4, alpha=8, dropout=0.5)))
+    with torch.no_grad():
+        for _, p in encoder.lora_parameters():
+            p.normal_()  # a non-zero B, so that the LoRA path (and its dropout) shows in the output
+    encoder.train()
+    pixels = torch.randn(2, 3, 28, 28)
+    assert not encoder.model.training
+    torch.testing.assert_close(encoder(pixels), encoder(pixels), rtol=0, atol=0)
+    encoder.set_lora_trainable(True)
+    assert encoder.model.training
+    assert not torch.equal(encoder(pixels), encoder(pixels))
+    encoder.set_lora_trainable(False)
+    assert not encoder.model.training
+
+
 @pytest.mark.parametrize("image_size,total", [
     (224, 86_315_520),  # the figure in our design notes: 257 position embeddings
     (518, 87_170_304),  # facebook/dinov2-base's own config.json: 1370 position embeddings

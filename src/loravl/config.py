@@ -125,9 +125,11 @@ class FusionConfig:
 class LossConfig:
     # Width of the ITC embedding space both modalities are projected into.
     embed_dim: int = 256
-    # The ITC image embedding: the compressed CLS token (cls) or the mean of all compressed tokens (mean, as
-    # open_clip's 'avg' pool; for encoders whose CLS carries little, e.g. a randomly initialised one).
+    # The ITC image embedding: the compressed CLS token (cls), the mean of all compressed tokens (mean, as
+    # open_clip's 'avg' pool), or attention pooling from a learned probe (attention, SigLIP's MAP head, with
+    # image_pooling_heads heads); see loravl.pooling.
     image_pooling: str = "cls"
+    image_pooling_heads: int = 4
     temperature: float = 0.07
     min_temperature: float = 0.001
     max_temperature: float = 0.5
@@ -144,7 +146,9 @@ class LossConfig:
 
     def validate(self, prefix: str) -> None:
         _check(self.embed_dim > 0, prefix, "embed_dim", "must be > 0")
-        _check(self.image_pooling in ("cls", "mean"), prefix, "image_pooling", "must be 'cls' or 'mean'")
+        _check(self.image_pooling in ("cls", "mean", "attention"), prefix, "image_pooling",
+               "must be 'cls', 'mean' or 'attention'")
+        _check(self.image_pooling_heads > 0, prefix, "image_pooling_heads", "must be > 0")
         _check(0 < self.min_temperature <= self.temperature <= self.max_temperature, prefix, "temperature",
                "must lie in [min_temperature, max_temperature] and be > 0")
         _check(self.queue_size >= 0, prefix, "queue_size", "must be >= 0")
@@ -169,6 +173,10 @@ class ModelConfig:
     def validate(self, prefix: str) -> None:
         for name in ("vision", "compressor", "text", "fusion", "loss"):
             getattr(self, name).validate(f"{prefix}.{name}")
+        if self.loss.image_pooling == "attention":
+            _check(self.compressor.embed_dim % self.loss.image_pooling_heads == 0, f"{prefix}.loss",
+                   "image_pooling_heads", f"must divide the image token width (compressor.embed_dim = "
+                   f"{self.compressor.embed_dim})")
 
 
 @dataclass

@@ -3,7 +3,7 @@
 Data path (default sizes, batch B, T = 1 + 256 tokens at 224 px, L caption tokens):
   pixel_values [B,3,224,224] -> VisionEncoder [B,T,768] -> TokenCompressor [B,T,128] = image_tokens
   input_ids [B,L] -> GPT-2 body without cross-attention [B,L,512] = text_states (unimodal)
-  ITC: image_tokens[:,0] -> vision_proj, text_states[<eos>] -> text_proj, both [B,256], L2-normalised
+  ITC: image_pool(image_tokens) (CLS, mean or attention) -> vision_proj, text_states[<eos>] -> text_proj, both [B,256], L2-normalised
   ITM: FusionEncoder(image_tokens, text_states) -> fused text state at <eos> -> itm_head [.,2]
   LM:  GPT-2 with cross-attention to image_to_text(image_tokens) [B,T,512] -> logits [B,L,V]
 
@@ -22,6 +22,7 @@ from .compressor import TokenCompressor
 from .config import ModelConfig
 from .fusion import FusionEncoder
 from .losses import FeatureQueue, hard_negative_weights, itc_loss, lm_loss, sample_hard_negatives
+from .pooling import ImagePool
 from .text import CaptionTokenizer, build_text_model, encode_text, gather_eos
 from .vision import VisionEncoder, num_image_tokens
 
@@ -38,6 +39,7 @@ class VisionLanguageModel(nn.Module):
         self.text = build_text_model(cfg.text, len(tokenizer), tokenizer.bos_id, tokenizer.eos_id, tokenizer.pad_id)
         self.image_to_text = nn.Linear(image_dim, text_dim)  # image tokens as the captioner's cross-attention input
         self.fusion = FusionEncoder(image_dim, text_dim, cfg.fusion)
+        self.image_pool = ImagePool(cfg.loss.image_pooling, image_dim, cfg.loss.image_pooling_heads)
         self.vision_proj = nn.Linear(image_dim, embed_dim)
         self.text_proj = nn.Linear(text_dim, embed_dim)
         self.itm_head = nn.Linear(text_dim, 2)
@@ -46,6 +48,7 @@ class VisionLanguageModel(nn.Module):
         # Momentum (EMA) copies of the trainable embedding path. The encoder is not copied: its output is shared,
         # detached (an EMA encoder would cost a second encoder forward every step).
         self.compressor_m = copy.deepcopy(self.compressor)
+        self.image_pool_m = copy.deepcopy(self.image_pool)
         self.vision_proj_m = copy.deepcopy(self.vision_proj)
         self.text_m = copy.deepcopy(self.text.transformer)
         self.text_proj_m = copy.deepcopy(self.text_proj)
@@ -63,7 +66,8 @@ class VisionLanguageModel(nn.Module):
     # -- parameters and phases ----------------------------------------------------------------------------------
 
     def _momentum_pairs(self) -> list[tuple[nn.Module, nn.Module]]:
-        return [(self.compressor, self.compressor_m), (self.vision_proj, self.vision_proj_m),
+        return [(self.compressor, self.compressor_m), (self.image_pool, self.image_pool_m),
+                (self.vision_proj, self.vision_proj_m),
                 (self.text.transformer, self.text_m), (self.text_proj, self.text_proj_m)]
 
     def lora_parameters(self) -> list[tuple[str, nn.Parameter]]:
@@ -103,14 +107,10 @@ class VisionLanguageModel(nn.Module):
 
     # -- encoders -----------------------------------------------------------------------------------------------
 
-    def pool_image(self, image_tokens: torch.Tensor) -> torch.Tensor:
-        """The token(s) the ITC image embedding is made from (``loss.image_pooling``)."""
-        return image_tokens[:, 0] if self.cfg.loss.image_pooling == "cls" else image_tokens.mean(dim=1)
-
     def encode_image(self, pixel_values: torch.Tensor) -> dict[str, torch.Tensor]:
         encoder_tokens = self.vision(pixel_values)
         image_tokens = self.compressor(encoder_tokens)
-        image_feat = F.normalize(self.vision_proj(self.pool_image(image_tokens)), dim=-1)
+        image_feat = F.normalize(self.vision_proj(self.image_pool(image_tokens)), dim=-1)
         return {"encoder_tokens": encoder_tokens, "image_tokens": image_tokens, "image_feat": image_feat}
 
     def encode_text(self, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> dict[str, torch.Tensor]:
@@ -169,7 +169,7 @@ class VisionLanguageModel(nn.Module):
             if self.training:
                 self.momentum_update()
             image_tokens_m = self.compressor_m(image["encoder_tokens"].detach())
-            image_feat_m = F.normalize(self.vision_proj_m(self.pool_image(image_tokens_m)), dim=-1)
+            image_feat_m = F.normalize(self.vision_proj_m(self.image_pool_m(image_tokens_m)), dim=-1)
             text_feat_m = F.normalize(
                 self.text_proj_m(gather_eos(encode_text(self.text_m, input_ids, attention_mask), attention_mask)),
                 dim=-1)
@@ -274,7 +274,7 @@ class VisionLanguageModel(nn.Module):
         """Parameter counts by component (momentum copies and buffers excluded)."""
         parts = {"vision_base": sum(p.numel() for n, p in self.vision.named_parameters() if "lora_" not in n),
                  "vision_lora": sum(p.numel() for _, p in self.vision.lora_parameters())}
-        for name in ("compressor", "text", "image_to_text", "fusion", "vision_proj", "text_proj", "itm_head"):
+        for name in ("compressor", "text", "image_to_text", "fusion", "image_pool", "vision_proj", "text_proj", "itm_head"):
             parts[name] = sum(p.numel() for p in getattr(self, name).parameters())
         parts["momentum_copies"] = sum(p.numel() for _, m in self._momentum_pairs() for p in m.parameters())
         return parts

@@ -200,6 +200,15 @@ class VisionEncoder(nn.Module):
             # LoRA-FA: A stays frozen at its random init for good; only B ever trains.
             p.requires_grad_(trainable and not (self.lora_variant == "lora_fa" and ".lora_A." in n))
         self.lora_trainable = trainable
+        self.train(self.training)
+
+    def train(self, mode: bool = True) -> "VisionEncoder":
+        # While LoRA is frozen the encoder is a fixed function: eval mode, so no dropout noise on the frozen LoRA
+        # path (it only cost random numbers for every token of every adapted layer, every step).
+        super().train(mode)
+        if not self.lora_trainable:
+            self.model.eval()
+        return self
 
     def forward(self, pixel_values: torch.Tensor) -> torch.Tensor:
         # Phase 1: nothing in the encoder trains, so no autograd graph is built through it at all.
