@@ -96,13 +96,15 @@ def model_config(args, dinov2_dir: str, attn: str) -> ModelConfig:
 
 
 def build_model(args, cfg: ModelConfig, tokenizer, device, compile_encoder: bool,
-                compile_model: bool = False) -> VisionLanguageModel:
+                compile_model: bool = False, model_mode: str = "default",
+                encoder_mode: str = "default") -> VisionLanguageModel:
+    """``*_mode``: torch.compile's mode for the model's heavy submodules and for the encoder."""
     torch.manual_seed(0)
     model = VisionLanguageModel(cfg, tokenizer).to(device).train()
     if compile_model:
-        model.compile()
-    elif compile_encoder:
-        model.vision.model.compile()  # in place: parameter names (and checkpoints) unchanged
+        model.compile(mode=model_mode)
+    if compile_encoder:
+        model.vision.model.compile(mode=encoder_mode)  # in place: parameter names (and checkpoints) unchanged
     return model
 
 
@@ -122,6 +124,8 @@ def make_optimizer(model, device, lr=1e-4):
 
 def train_step(model, optimizer, batch, autocast_dtype):
     """What the trainer does per step: autocast forward, backward, clip, optimizer step."""
+    # A new step for CUDA graphs (compile mode reduce-overhead): the last step's graph outputs may be reused.
+    torch.compiler.cudagraph_mark_step_begin()
     with torch.autocast(batch["pixel_values"].device.type, dtype=autocast_dtype, enabled=autocast_dtype is not None):
         out = model(**batch)
     out["loss"].backward()
@@ -174,8 +178,11 @@ def bench_encoder(timer, device, args, cfg, tokenizer) -> list[dict]:
     rows = []
     pixels = torch.randn(args.batch_size, 3, args.image_size, args.image_size, device=device)
     dtype = torch.bfloat16 if device.type == "cuda" else None
-    for compiled in (False, True) if not args.no_compile else (False,):
-        model = build_model(args, cfg, tokenizer, device, compile_encoder=compiled)
+    modes = [None if m == "none" else m for m in args.encoder_modes.split(",")] if not args.no_compile else [None]
+    suffixes = {None: "", "default": " compiled", "reduce-overhead": " compiled, CUDA graphs"}
+    for mode in modes:
+        model = build_model(args, cfg, tokenizer, device, compile_encoder=mode is not None,
+                            encoder_mode=mode or "default")
         encoder = model.vision
 
         def forward_only():
@@ -184,7 +191,7 @@ def bench_encoder(timer, device, args, cfg, tokenizer) -> list[dict]:
 
         reset_peak(device)
         t = timer(forward_only, warmup=args.warmup, iters=args.steps)
-        rows.append({"name": f"encoder forward{' compiled' if compiled else ''}", "images_per_s":
+        rows.append({"name": f"encoder forward{suffixes[mode]}", "images_per_s":
                      args.batch_size / t["median_s"], "peak_gib": peak_memory_gib(device), **t})
         encoder.set_lora_trainable(True)
         opt = torch.optim.AdamW([p for _, p in encoder.lora_parameters()], lr=1e-4, fused=device.type == "cuda")
@@ -198,7 +205,7 @@ def bench_encoder(timer, device, args, cfg, tokenizer) -> list[dict]:
 
         reset_peak(device)
         t = timer(lora_forward_backward, warmup=args.warmup, iters=args.steps)
-        rows.append({"name": f"encoder LoRA fwd+bwd{' compiled' if compiled else ''}", "images_per_s":
+        rows.append({"name": f"encoder LoRA fwd+bwd{suffixes[mode]}", "images_per_s":
                      args.batch_size / t["median_s"], "peak_gib": peak_memory_gib(device), **t})
     return rows
 
@@ -217,28 +224,52 @@ def bench_steps(timer, device, args, tokenizer, dinov2_dir, matmul_tflops) -> li
     rows = []
     compile_ok = not args.no_compile
     fast = "bf16" if bf16 is not None else "fp32"  # no bf16 autocast on the CPU
-    variants = [(f"{fast} compiled model", "sdpa", bf16, True, True),
-                (f"{fast} compiled encoder", "sdpa", bf16, True, False),
-                ("naive fp32 eager", "eager", None, False, False)]
-    if not compile_ok:  # --no_compile: one uncompiled fast variant instead of the two compiled ones
-        variants = [(f"{fast} sdpa, no compile", "sdpa", bf16, False, False), variants[-1]]
-    for label, attn, dtype, compile_encoder, compile_model in variants:
-        model = build_model(args, model_config(args, dinov2_dir, attn), tokenizer, device,
-                            compile_encoder=compile_encoder, compile_model=compile_model)
-        batches = [synthetic_batch(args, tokenizer, device, seed=s) for s in range(4)]
-        for phase in (1, 2):
-            model.set_lora_trainable(phase == 2)
-            optimizer = make_optimizer(model, device)
-            counter = iter(range(10**9))
-            reset_peak(device)
-            t = timer(lambda: train_step(model, optimizer, batches[next(counter) % 4], dtype),
-                      warmup=args.warmup, iters=args.steps)
-            rows.append({"name": f"step phase {phase} {label}", "images_per_s": args.batch_size / t["median_s"],
-                         "peak_gib": peak_memory_gib(device), "step_tflop": step_flops[phase] / 1e12,
-                         "mfu": step_flops[phase] / t["median_s"] / (matmul_tflops * 1e12), **t})
-            if args.profile_dir and label == variants[0][0]:
-                profile_step(model, optimizer, batches[0], dtype, Path(args.profile_dir) / f"profile_phase{phase}.txt")
+    # name: (label, attention, autocast dtype, compile encoder, compile model, model mode, encoder mode)
+    ro = "reduce-overhead"  # CUDA graphs: one launch per compiled graph instead of one per kernel
+    known = {"compiled": (f"{fast} compiled model", "sdpa", bf16, True, True, "default", "default"),
+             "compiled_ro_encoder": (f"{fast} compiled model, CUDA-graph encoder", "sdpa", bf16, True, True,
+                                     "default", ro),
+             "compiled_ro": (f"{fast} compiled model, CUDA graphs", "sdpa", bf16, True, True, ro, ro),
+             "compiled_encoder": (f"{fast} compiled encoder", "sdpa", bf16, True, False, "default", "default"),
+             "sdpa": (f"{fast} sdpa, no compile", "sdpa", bf16, False, False, "default", "default"),
+             "naive": ("naive fp32 eager", "eager", None, False, False, "default", "default")}
+    names = args.step_variants.split(",") if compile_ok else ["sdpa", "naive"]  # --no_compile: nothing compiled
+    unknown = [n for n in names if n not in known]
+    if unknown:
+        raise SystemExit(f"--step_variants: unknown {unknown}; known: {', '.join(known)}")
+    variants = [known[n] for n in names]
+    for label, attn, dtype, compile_encoder, compile_model, model_mode, encoder_mode in variants:
+        before = len(rows)
+        try:  # rows are appended phase by phase, so a failing phase keeps the figures before it
+            bench_step_variant(timer, device, args, tokenizer, dinov2_dir, matmul_tflops, step_flops, rows, label,
+                               attn, dtype, compile_encoder, compile_model, model_mode, encoder_mode,
+                               profile=label == variants[0][0])
+        except Exception as e:  # one failing variant must not lose the others' figures
+            rows.append({"name": f"step {label} FAILED", "error": f"{type(e).__name__}: {str(e)[:400]}"})
+        for row in rows[before:]:
+            print(json.dumps(row), flush=True)
+        Path(args.out).with_suffix(".partial.json").write_text(json.dumps(rows, indent=2))
     return rows
+
+
+def bench_step_variant(timer, device, args, tokenizer, dinov2_dir, matmul_tflops, step_flops, rows, label, attn,
+                       dtype, compile_encoder, compile_model, model_mode, encoder_mode, profile) -> None:
+    model = build_model(args, model_config(args, dinov2_dir, attn), tokenizer, device,
+                        compile_encoder=compile_encoder, compile_model=compile_model, model_mode=model_mode,
+                        encoder_mode=encoder_mode)
+    batches = [synthetic_batch(args, tokenizer, device, seed=s) for s in range(4)]
+    for phase in (1, 2):
+        model.set_lora_trainable(phase == 2)
+        optimizer = make_optimizer(model, device)
+        counter = iter(range(10**9))
+        reset_peak(device)
+        t = timer(lambda: train_step(model, optimizer, batches[next(counter) % 4], dtype),
+                  warmup=args.warmup, iters=args.steps)
+        rows.append({"name": f"step phase {phase} {label}", "images_per_s": args.batch_size / t["median_s"],
+                     "peak_gib": peak_memory_gib(device), "step_tflop": step_flops[phase] / 1e12,
+                     "mfu": step_flops[phase] / t["median_s"] / (matmul_tflops * 1e12), **t})
+        if args.profile_dir and profile:
+            profile_step(model, optimizer, batches[0], dtype, Path(args.profile_dir) / f"profile_phase{phase}.txt")
 
 
 def write_jpegs(folder: Path, n: int, size=(640, 480)) -> None:
@@ -328,6 +359,11 @@ def main() -> None:
     p.add_argument("--warmup", type=int, default=5)
     p.add_argument("--sections", default="matmul,encoder,step,loader,generate")
     p.add_argument("--no_compile", action="store_true")
+    p.add_argument("--encoder_modes", default="none,default,reduce-overhead",
+                   help="encoder ceilings: none (no compile) and torch.compile modes")
+    p.add_argument("--step_variants", default="compiled,compiled_encoder,naive",
+                   help="full-step variants, in order: compiled, compiled_ro_encoder, compiled_ro, "
+                        "compiled_encoder, sdpa, naive")
     p.add_argument("--workers", type=int, default=max(1, (os.cpu_count() or 2) - 2))
     p.add_argument("--num_jpegs", type=int, default=8000)
     p.add_argument("--loader_batches", type=int, default=40)
@@ -377,14 +413,14 @@ def main() -> None:
             results["rows"].extend(new_rows)
             Path(args.out).write_text(json.dumps(results, indent=2))
 
-    print(f"\n{'measurement':<42}{'img/s':>10}{'ms/step':>10}{'peak GiB':>10}{'MFU':>8}")
+    print(f"\n{'measurement':<54}{'img/s':>10}{'ms/step':>10}{'peak GiB':>10}{'MFU':>8}")
     for r in results["rows"]:
         if "error" in r:
-            print(f"{r['name']:<42} {r['error'][:200]}")
+            print(f"{r['name']:<54} {r['error'][:200]}")
             continue
         peak = f"{r['peak_gib']:.1f}" if r.get("peak_gib") is not None else "-"
         mfu = f"{100 * r['mfu']:.1f}%" if r.get("mfu") is not None else "-"
-        print(f"{r['name']:<42}{r['images_per_s']:>10.0f}{1e3 * r['median_s']:>10.1f}{peak:>10}{mfu:>8}")
+        print(f"{r['name']:<54}{r['images_per_s']:>10.0f}{1e3 * r['median_s']:>10.1f}{peak:>10}{mfu:>8}")
     Path(args.out).write_text(json.dumps(results, indent=2))
 
 
