@@ -216,7 +216,7 @@ def bench_steps(timer, device, args, tokenizer, dinov2_dir, matmul_tflops) -> li
     model = build_model(args, model_config(args, dinov2_dir, "sdpa"), tokenizer, device, compile_encoder=False)
     batch = synthetic_batch(args, tokenizer, device)
     step_flops = {}
-    for phase in (1, 2):
+    for phase in args.phases:
         model.set_lora_trainable(phase == 2)
         step_flops[phase] = count_step_flops(model, make_optimizer(model, device), batch, bf16)
     del model
@@ -258,7 +258,7 @@ def bench_step_variant(timer, device, args, tokenizer, dinov2_dir, matmul_tflops
                         compile_encoder=compile_encoder, compile_model=compile_model, model_mode=model_mode,
                         encoder_mode=encoder_mode)
     batches = [synthetic_batch(args, tokenizer, device, seed=s) for s in range(4)]
-    for phase in (1, 2):
+    for phase in args.phases:
         model.set_lora_trainable(phase == 2)
         optimizer = make_optimizer(model, device)
         counter = iter(range(10**9))
@@ -359,6 +359,8 @@ def main() -> None:
     p.add_argument("--warmup", type=int, default=5)
     p.add_argument("--sections", default="matmul,encoder,step,loader,generate")
     p.add_argument("--no_compile", action="store_true")
+    p.add_argument("--phases", type=lambda v: [int(x) for x in v.split(",")], default=[1, 2],
+                   help="which phases the step section runs: 1,2 (default), 1 or 2")
     p.add_argument("--encoder_modes", default="none,default,reduce-overhead",
                    help="encoder ceilings: none (no compile) and torch.compile modes")
     p.add_argument("--step_variants", default="compiled,compiled_encoder,naive",
