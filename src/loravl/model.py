@@ -3,7 +3,8 @@
 Data path (default sizes, batch B, T = 1 + 256 tokens at 224 px, L caption tokens):
   pixel_values [B,3,224,224] -> VisionEncoder [B,T,768] -> TokenCompressor [B,T,128] = image_tokens
   input_ids [B,L] -> GPT-2 body without cross-attention [B,L,512] = text_states (unimodal)
-  ITC: image_pool(image_tokens) (CLS, mean or attention) -> vision_proj, text_states[<eos>] -> text_proj, both [B,256], L2-normalised
+  ITC: image_pool(image_tokens) (CLS, mean or attention) -> vision_proj, text_states[<eos>] -> text_proj,
+       both [B,256], L2-normalised
   ITM: FusionEncoder(image_tokens, text_states) -> fused text state at <eos> -> itm_head [.,2]
   LM:  GPT-2 with cross-attention to image_to_text(image_tokens) [B,T,512] -> logits [B,L,V]
 
@@ -274,7 +275,8 @@ class VisionLanguageModel(nn.Module):
         """Parameter counts by component (momentum copies and buffers excluded)."""
         parts = {"vision_base": sum(p.numel() for n, p in self.vision.named_parameters() if "lora_" not in n),
                  "vision_lora": sum(p.numel() for _, p in self.vision.lora_parameters())}
-        for name in ("compressor", "text", "image_to_text", "fusion", "image_pool", "vision_proj", "text_proj", "itm_head"):
+        for name in ("compressor", "text", "image_to_text", "fusion", "image_pool", "vision_proj", "text_proj",
+                     "itm_head"):
             parts[name] = sum(p.numel() for p in getattr(self, name).parameters())
         parts["momentum_copies"] = sum(p.numel() for _, m in self._momentum_pairs() for p in m.parameters())
         return parts
