@@ -39,6 +39,8 @@ def test_wrong_type_and_impossible_value_name_the_field():
         load_config(None, ["--itm_negatives", "random"])
     with pytest.raises(ConfigError, match=r"model.loss.image_pooling_heads must divide the image token width"):
         load_config(None, ["--image_pooling", "attention", "--image_pooling_heads", "3"])
+    with pytest.raises(ConfigError, match=r"train.compile_mode must be one of default, reduce-overhead"):
+        load_config(None, ["--compile_mode", "fast"])
 
 
 def test_ambiguous_flat_flag_lists_the_choices():

@@ -229,6 +229,9 @@ class DataConfig:
         _check(self.demo_image_size >= 16, prefix, "demo_image_size", "must be >= 16")
 
 
+COMPILE_MODES = ("default", "reduce-overhead", "max-autotune", "max-autotune-no-cudagraphs")
+
+
 @dataclass
 class TrainConfig:
     epochs: int = 50
@@ -255,6 +258,9 @@ class TrainConfig:
     # auto: bf16 where the GPU has it, fp16 on other GPUs, fp32 on CPU
     mixed_precision: str = "auto"
     compile: bool = False
+    # torch.compile mode for the model's heavy submodules (with compile: true). reduce-overhead replays CUDA graphs:
+    # one launch per graph instead of one per kernel, which matters when the host cannot keep the GPU busy.
+    compile_mode: str = "default"
     seed: int = 42
     log_every: int = 50
     save_every: int = 1000
@@ -290,6 +296,7 @@ class TrainConfig:
         _check(self.stop_at_step is None or self.stop_at_step > 0, prefix, "stop_at_step", "must be > 0")
         _check(self.mixed_precision in ("auto", "no", "bf16", "fp16"), prefix, "mixed_precision",
                "must be auto, no, bf16 or fp16")
+        _check(self.compile_mode in COMPILE_MODES, prefix, "compile_mode", f"must be one of {', '.join(COMPILE_MODES)}")
         _check(self.log_every > 0, prefix, "log_every", "must be > 0")
         _check(self.save_every > 0, prefix, "save_every", "must be > 0")
         _check(self.keep_last > 0, prefix, "keep_last", "must be > 0")

@@ -78,7 +78,7 @@ def _train(cfg: RunConfig, env: "DistributedEnv") -> VisionLanguageModel:
     seed_everything(tc.seed + env.rank)
     logger.info(model.vision.summary.format())
     if tc.compile:
-        model.compile()  # in place, per submodule: parameter names and checkpoints unchanged
+        model.compile(mode=tc.compile_mode)  # in place, per submodule: parameter names and checkpoints unchanged
 
     # Phase 1 setup. DDP registers only parameters that require grad when it wraps the model.
     ddp_model = wrap_model(model, env)
@@ -217,9 +217,15 @@ def train_step(ddp_model: nn.Module, micro_batches: list[dict[str, Any]],
     all-reduce, so every rank makes the same decision.
     """
     losses = {name: torch.zeros((), device=env.device) for name in LOSS_NAMES}
+    params = [p for group in optimizer.param_groups for p in group["params"]]
+    graphs = uses_cuda_graphs(tc)
+    if graphs:
+        allocate_grads(params)
     images = 0
     for i, batch in enumerate(micro_batches):
         last = i == len(micro_batches) - 1
+        # A new CUDA-graph generation per micro-batch: the last one's graph outputs may be overwritten now.
+        torch.compiler.cudagraph_mark_step_begin()
         inputs = {k: batch[k].to(env.device, non_blocking=True)
                   for k in ("pixel_values", "input_ids", "attention_mask", "image_ids")}
         sync = contextlib.nullcontext() if last or not isinstance(ddp_model, DDP) else ddp_model.no_sync()
@@ -235,7 +241,6 @@ def train_step(ddp_model: nn.Module, micro_batches: list[dict[str, Any]],
             losses[name] += out[name].detach().float() / len(micro_batches)
         images += inputs["pixel_values"].shape[0]
 
-    params = [p for group in optimizer.param_groups for p in group["params"]]
     if precision.scaler is not None:
         precision.scaler.unscale_(optimizer)
     grad_norm = torch.nn.utils.clip_grad_norm_(params, tc.max_grad_norm if tc.max_grad_norm > 0 else math.inf,
@@ -249,12 +254,29 @@ def train_step(ddp_model: nn.Module, micro_batches: list[dict[str, Any]],
         optimizer.found_inf = bad.float()  # read by fused AdamW: skip the update where set
         optimizer.step()
         del optimizer.found_inf
-    optimizer.zero_grad(set_to_none=True)
+    optimizer.zero_grad(set_to_none=not graphs)
     skipped = Counter()
     for batch in micro_batches:
         skipped.update(batch["skipped"])
     return {**losses, "grad_norm": grad_norm.detach().float(), "bad": bad.float(), "images": images,
             "skipped": skipped}
+
+
+def uses_cuda_graphs(tc: TrainConfig) -> bool:
+    return tc.compile and tc.compile_mode in ("reduce-overhead", "max-autotune")
+
+
+def allocate_grads(params: list[nn.Parameter]) -> None:
+    """Give every trainable parameter a ``.grad`` of its own before the first backward.
+
+    With CUDA graphs a backward's gradient lives in the graph's memory pool. Autograd installs the first gradient
+    of a parameter without ``.grad`` by taking that tensor itself, and the next replay (the next micro-batch, or
+    another graph that shares the pool) overwrites it: accumulated gradients silently go wrong (pytorch#169545).
+    Into an existing ``.grad`` autograd adds in place instead. Kept across steps by ``zero_grad(set_to_none=False)``.
+    """
+    for p in params:
+        if p.grad is None:
+            p.grad = torch.zeros_like(p)
 
 
 def next_micro_batches(batches: Iterator[dict[str, Any]], count: int) -> list[dict[str, Any]]:
@@ -587,7 +609,10 @@ def run_validation(model: VisionLanguageModel, cfg: RunConfig, env: DistributedE
     if env.rank == 0:
         from .evaluate import evaluate_model, format_metrics
 
-        with torch.random.fork_rng(devices=[env.device] if env.device.type == "cuda" else []):
+        # Eager: a compiled model would recompile for evaluation's shapes and modes, and with CUDA graphs a replay
+        # would overwrite the image tokens evaluation keeps across batches.
+        with torch.random.fork_rng(devices=[env.device] if env.device.type == "cuda" else []), \
+                torch.compiler.set_stance("force_eager"):
             val_set = build_dataset(cfg.data, "val", cfg.model.vision.image_size)
             results = evaluate_model(model, val_set, cfg)
         model.train()
