@@ -134,3 +134,21 @@ def test_checkpoint_state_keeps_lora_and_drops_pretrained_base(tiny_model_config
     assert lora_keys <= set(keys), "LoRA A and B must be saved even while frozen"
     assert not any(k.startswith("vision.") and "lora_" not in k for k in keys)
     assert {"queue.image_feats", "compressor_m.net.0.weight", "temperature"} <= set(keys)
+
+
+def test_generate_with_static_cache_matches_dynamic(tiny_model_config, tiny_tokenizer):
+    """compile=True decodes with static caches (compiled by generate() on a GPU only); the captions are the same,
+    also on a second call through the reset cache, and a different batch size gets its own cache."""
+    model = _model(tiny_model_config, tiny_tokenizer).eval()
+    torch.manual_seed(0)
+    with torch.no_grad():  # a random model's captions barely depend on the image: make them
+        model.image_to_text.weight.mul_(30.0)
+        model.text.lm_head.weight.mul_(5.0)
+    first, second = (tiny_batch(tiny_tokenizer, 4, seed=s)["pixel_values"] for s in (0, 1))
+    kwargs = dict(max_new_tokens=8, min_new_tokens=8)
+    dynamic = [model.generate(p, **kwargs) for p in (first, second)]
+    assert dynamic[0] != dynamic[1] and len(set(dynamic[0])) > 1, "captions must depend on the image"
+    assert [model.generate(p, compile=True, **kwargs) for p in (first, second)] == dynamic
+    assert len(model._decoding_caches) == 1
+    assert model.generate(first[:2], compile=True, **kwargs) == dynamic[0][:2]
+    assert len(model._decoding_caches) == 2

@@ -57,6 +57,8 @@ class VisionLanguageModel(nn.Module):
             momentum.requires_grad_(False)
             momentum.eval()
 
+        self._decoding_caches: dict = {}  # generate(compile=True); not state: rebuilt on demand
+
         keep_fusion_inputs = cfg.loss.itm_negatives == "queue"
         self.queue = FeatureQueue(
             cfg.loss.queue_size, embed_dim, keep_fusion_inputs=keep_fusion_inputs,
@@ -92,6 +94,11 @@ class VisionLanguageModel(nn.Module):
         Submodules rather than the whole forward: the queue bookkeeping and hard-negative sampling between them
         would break the graph or recompile as the queue fills.
         """
+        # Dynamo counts recompilations per code object, and transformers' forward wrappers are one code object for
+        # every GPT-2 and DINOv2 instance: the text passes (unimodal, captioner, momentum, queue negatives) by grad
+        # mode and caption width, and the encoder by phase, pass the default limit of 8, after which the rest runs
+        # eager with one warning (seen on the H100 in bench/cuda_graphs_check.py).
+        torch._dynamo.config.recompile_limit = max(torch._dynamo.config.recompile_limit, 64)
         for module in (self.vision.model, self.compressor, self.compressor_m, self.text.transformer, self.text_m,
                        self.fusion):
             module.compile(**kwargs)
@@ -130,17 +137,46 @@ class VisionLanguageModel(nn.Module):
                          encoder_hidden_states=self.image_to_text(image_tokens)).logits
 
     @torch.no_grad()
-    def generate(self, pixel_values: torch.Tensor, max_new_tokens: int = 30, **generate_kwargs) -> list[str]:
-        """Captions through transformers' ``generate()`` (greedy, beam search or sampling by its arguments)."""
+    def generate(self, pixel_values: torch.Tensor, max_new_tokens: int = 30, compile: bool = False,
+                 **generate_kwargs) -> list[str]:
+        """Captions through transformers' ``generate()`` (greedy, beam search or sampling by its arguments).
+
+        ``compile``: decode with a static KV cache, which transformers' ``generate()`` compiles on a GPU (CUDA
+        graphs, ``CompileConfig``'s default mode): decoding a small model is bound by kernel launches, not by the
+        GPU. The first call per batch size compiles. Greedy and sampling only; beam search reorders the cache.
+        """
         image_tokens = self.encode_image(pixel_values)["image_tokens"]
         bos = torch.full((pixel_values.shape[0], 1), self.tokenizer.bos_id, dtype=torch.long,
                          device=pixel_values.device)
         max_new_tokens = min(max_new_tokens, self.cfg.text.max_length - 1)
+        if compile and generate_kwargs.get("num_beams", 1) == 1:
+            generate_kwargs.update(self._static_decoding(bos.shape[0], 1 + max_new_tokens, image_tokens.shape[1]))
         ids = self.text.generate(input_ids=bos, attention_mask=torch.ones_like(bos),
                                  encoder_hidden_states=self.image_to_text(image_tokens),
                                  max_new_tokens=max_new_tokens, eos_token_id=self.tokenizer.eos_id,
                                  pad_token_id=self.tokenizer.pad_id, **generate_kwargs)
         return self.tokenizer.decode(ids)
+
+    def _static_decoding(self, batch_size: int, text_length: int, image_length: int) -> dict:
+        """``generate()`` arguments for compiled decoding: static caches for self- and cross-attention, kept per
+        shape and dtype and reset between calls (CUDA graphs replay on fixed cache addresses)."""
+        from transformers import CompileConfig, EncoderDecoderCache, StaticCache
+
+        device = self.image_to_text.weight.device
+        dtype = torch.get_autocast_dtype(device.type) if torch.is_autocast_enabled(device.type) else \
+            self.image_to_text.weight.dtype
+        key = (batch_size, text_length, image_length, dtype, device)
+        cache = self._decoding_caches.get(key)
+        if cache is None:
+            config = self.text.config
+            cache = EncoderDecoderCache(StaticCache(config=config, max_cache_len=text_length),
+                                        StaticCache(config=config, max_cache_len=image_length))
+            self._decoding_caches[key] = cache
+        else:
+            cache.reset()
+        # generate() compiles only on a GPU; elsewhere it would warn that it cannot
+        return {"past_key_values": cache, **({"compile_config": CompileConfig(fullgraph=True)}
+                                             if device.type == "cuda" else {})}
 
     def caption(self, images, **kwargs) -> list[str]:
         """Captions for PIL images or image paths (one or a list); see ``loravl.generate.caption``."""
