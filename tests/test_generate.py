@@ -153,6 +153,18 @@ def test_decoding_modes_and_batch_equals_single(tiny_model, tmp_path):
     assert batched == single
 
 
+def test_cli_compile_gives_the_same_captions(tmp_path, checkpoint_dir, tiny_model):
+    """--compile: static caches (compiled only on a GPU); the captions do not change. Beam search is refused."""
+    paths = write_good_images(tmp_path / "photos")
+    expected = {p.name: r.caption for p, r in zip(paths, caption_images(tiny_model, paths, max_new_tokens=6))}
+    result = run_cli("--checkpoint", str(checkpoint_dir), "--images", *map(str, paths), "--max_new_tokens", "6",
+                     "--batch_size", "4", "--compile")
+    assert result.returncode == 0, result.stderr
+    assert parse_captions(result.stdout) == expected
+    with pytest.raises(ValueError, match="beam search"):
+        generation_kwargs(num_beams=2, compile=True)
+
+
 def test_python_api(checkpoint_dir, tmp_path):
     model = VisionLanguageModel.from_pretrained(checkpoint_dir)
     assert not model.training

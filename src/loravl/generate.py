@@ -68,12 +68,17 @@ def autocast_for(device: torch.device) -> contextlib.AbstractContextManager:
 
 
 def generation_kwargs(num_beams: int = 1, do_sample: bool = False, top_p: Optional[float] = None,
-                      top_k: Optional[int] = None, temperature: Optional[float] = None) -> dict[str, Any]:
-    """Arguments for transformers' ``generate()``; sampling knobs are passed only with ``do_sample`` (transformers
-    warns about them otherwise)."""
+                      top_k: Optional[int] = None, temperature: Optional[float] = None,
+                      compile: bool = False) -> dict[str, Any]:
+    """Arguments for ``VisionLanguageModel.generate`` and transformers' ``generate()``; sampling knobs are passed
+    only with ``do_sample`` (transformers warns about them otherwise)."""
     if num_beams < 1:
         raise ValueError(f"num_beams must be >= 1, got {num_beams}")
+    if compile and num_beams > 1:
+        raise ValueError("compile: compiled decoding is for greedy decoding and sampling, not beam search")
     kwargs: dict[str, Any] = {"num_beams": num_beams, "do_sample": do_sample}
+    if compile:
+        kwargs["compile"] = True
     if do_sample:
         if top_p is not None:
             kwargs["top_p"] = top_p
@@ -269,6 +274,9 @@ def build_arg_parser() -> argparse.ArgumentParser:
     parser.add_argument("--top_k", type=int, default=None)
     parser.add_argument("--temperature", type=float, default=None)
     parser.add_argument("--seed", type=int, default=None, help="seed for --do_sample")
+    parser.add_argument("--compile", action="store_true",
+                        help="on a GPU: static KV cache and a compiled decoding step (CUDA graphs); the first batch "
+                             "compiles for a minute, later ones run several times faster (see BENCHMARKS.md)")
     parser.add_argument("--output", default=None, help="also write JSONL lines {image, caption}")
     parser.add_argument("--device", default=None, help="cpu, cuda, cuda:1 (default: cuda when available)")
     parser.add_argument("--num_workers", type=int, default=None, help="image decoding threads")
@@ -290,7 +298,8 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     args = build_arg_parser().parse_args(argv)
     quiet_library_output()
     try:
-        gen_kwargs = generation_kwargs(args.num_beams, args.do_sample, args.top_p, args.top_k, args.temperature)
+        gen_kwargs = generation_kwargs(args.num_beams, args.do_sample, args.top_p, args.top_k, args.temperature,
+                                       args.compile)
         device = resolve_device(args.device)
     except ValueError as e:
         print(f"error: {e}", file=sys.stderr)
