@@ -34,6 +34,7 @@ from transformers import Dinov2Config  # noqa: E402
 from loravl.config import DataConfig, ModelConfig, VisionConfig, TextConfig  # noqa: E402
 from loravl.model import VisionLanguageModel  # noqa: E402
 from loravl.text import CaptionTokenizer, train_tokenizer  # noqa: E402
+from loravl.train import allocate_grads  # noqa: E402
 
 
 _rng = random.Random(0)
@@ -122,16 +123,20 @@ def make_optimizer(model, device, lr=1e-4):
     return torch.optim.AdamW(params, lr=lr, fused=device.type == "cuda")
 
 
-def train_step(model, optimizer, batch, autocast_dtype):
-    """What the trainer does per step: autocast forward, backward, clip, optimizer step."""
+def train_step(model, optimizer, batch, autocast_dtype, graphs: bool = False):
+    """What the trainer does per step: autocast forward, backward, clip, optimizer step. ``graphs``: the model
+    replays CUDA graphs, so gradients stay allocated (loravl.train.allocate_grads says why)."""
+    params = [p for _, p in model.trainable_parameters()]
+    if graphs:
+        allocate_grads(params)
     # A new step for CUDA graphs (compile mode reduce-overhead): the last step's graph outputs may be reused.
     torch.compiler.cudagraph_mark_step_begin()
     with torch.autocast(batch["pixel_values"].device.type, dtype=autocast_dtype, enabled=autocast_dtype is not None):
         out = model(**batch)
     out["loss"].backward()
-    torch.nn.utils.clip_grad_norm_([p for _, p in model.trainable_parameters()], 1.0)
+    torch.nn.utils.clip_grad_norm_(params, 1.0)
     optimizer.step()
-    optimizer.zero_grad(set_to_none=True)
+    optimizer.zero_grad(set_to_none=not graphs)
     return out
 
 
@@ -145,14 +150,19 @@ def reset_peak(device):
         torch.cuda.reset_peak_memory_stats()
 
 
-def profile_step(model, optimizer, batch, dtype, path: Path) -> None:
+def profile_step(model, optimizer, batch, dtype, path: Path, graphs: bool) -> None:
     """Where one step's time goes: the top operators by device time and by host time."""
+    profile_calls(lambda: train_step(model, optimizer, batch, dtype, graphs), path)
+
+
+def profile_calls(fn, path: Path, calls: int = 2) -> None:
     from torch.profiler import ProfilerActivity, profile
     activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if torch.cuda.is_available() else [])
     with profile(activities=activities) as prof:
-        for _ in range(2):
-            train_step(model, optimizer, batch, dtype)
-        Timer(batch["pixel_values"].device).sync()
+        for _ in range(calls):
+            fn()
+        if torch.cuda.is_available():
+            torch.cuda.synchronize()
     table = prof.key_averages()
     sort = "self_cuda_time_total" if torch.cuda.is_available() else "self_cpu_time_total"
     path.parent.mkdir(parents=True, exist_ok=True)
@@ -263,13 +273,15 @@ def bench_step_variant(timer, device, args, tokenizer, dinov2_dir, matmul_tflops
         optimizer = make_optimizer(model, device)
         counter = iter(range(10**9))
         reset_peak(device)
-        t = timer(lambda: train_step(model, optimizer, batches[next(counter) % 4], dtype),
+        graphs = "reduce-overhead" in (model_mode if compile_model else None, encoder_mode if compile_encoder else None)
+        t = timer(lambda: train_step(model, optimizer, batches[next(counter) % 4], dtype, graphs),
                   warmup=args.warmup, iters=args.steps)
         rows.append({"name": f"step phase {phase} {label}", "images_per_s": args.batch_size / t["median_s"],
                      "peak_gib": peak_memory_gib(device), "step_tflop": step_flops[phase] / 1e12,
                      "mfu": step_flops[phase] / t["median_s"] / (matmul_tflops * 1e12), **t})
         if args.profile_dir and profile:
-            profile_step(model, optimizer, batches[0], dtype, Path(args.profile_dir) / f"profile_phase{phase}.txt")
+            profile_step(model, optimizer, batches[0], dtype, Path(args.profile_dir) / f"profile_phase{phase}.txt",
+                         graphs)
 
 
 def write_jpegs(folder: Path, n: int, size=(640, 480)) -> None:
@@ -336,19 +348,30 @@ def bench_loader(timer, device, args, tokenizer, dinov2_dir) -> list[dict]:
     return rows
 
 
-def bench_generate(timer, device, args, cfg, tokenizer) -> dict:
+def bench_generate(timer, device, args, cfg, tokenizer) -> list[dict]:
+    """Greedy captioning as ``generate_captions.py`` runs it: transformers' generate() with a dynamic cache, and
+    with ``compile`` (static caches, decoding step compiled with CUDA graphs by generate()), in the same run."""
     model = build_model(args, cfg, tokenizer, device, compile_encoder=False).eval()
     b = 256 if not args.tiny else 4
     pixels = torch.randn(b, 3, args.image_size, args.image_size, device=device)
     dtype = torch.bfloat16 if device.type == "cuda" else None
+    rows = []
+    for compiled in (False, True):
+        def run():
+            with torch.autocast(device.type, dtype=dtype, enabled=dtype is not None):
+                # min_new_tokens: a random model may emit <eos> early; time all 30 tokens
+                model.generate(pixels, max_new_tokens=30, min_new_tokens=30, compile=compiled)
 
-    def run():
-        with torch.autocast(device.type, dtype=dtype, enabled=dtype is not None):
-            # min_new_tokens: a random model may emit <eos> early; time all 30 tokens
-            model.generate(pixels, max_new_tokens=30, min_new_tokens=30)
-
-    t = timer(run, warmup=1, iters=max(2, args.steps // 4))
-    return {"name": f"generate greedy b={b} 30 tokens", "images_per_s": b / t["median_s"], **t}
+        try:
+            t = timer(run, warmup=3 if compiled else 1, iters=max(2, args.steps // 4))
+            rows.append({"name": f"generate greedy b={b} 30 tokens{', compiled' if compiled else ''}",
+                         "images_per_s": b / t["median_s"], **t})
+        except Exception as e:  # the compiled path must not lose the dynamic figure
+            rows.append({"name": "generate compiled FAILED", "error": f"{type(e).__name__}: {str(e)[:400]}"})
+            continue
+        if args.profile_dir and compiled:
+            profile_calls(run, Path(args.profile_dir) / "profile_generate.txt")
+    return rows
 
 
 def main() -> None:
@@ -403,7 +426,7 @@ def main() -> None:
         for name, fn in (("encoder", lambda: bench_encoder(timer, device, args, cfg, tokenizer)),
                          ("step", lambda: bench_steps(timer, device, args, tokenizer, dinov2_dir, matmul_tflops)),
                          ("loader", lambda: bench_loader(timer, device, args, tokenizer, dinov2_dir)),
-                         ("generate", lambda: [bench_generate(timer, device, args, cfg, tokenizer)])):
+                         ("generate", lambda: bench_generate(timer, device, args, cfg, tokenizer))):
             if name not in sections:
                 continue
             try:
