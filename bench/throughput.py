@@ -329,7 +329,8 @@ def bench_loader(timer, device, args, tokenizer, dinov2_dir) -> list[dict]:
     for _ in range(n_batches):
         next(it)
     loader_s = time.perf_counter() - t0
-    rows.append({"name": f"loader alone ({args.workers} workers)", "images_per_s": n_batches * args.batch_size / loader_s,
+    rows.append({"name": f"loader alone ({args.workers} workers)",
+                 "images_per_s": n_batches * args.batch_size / loader_s,
                  "median_s": loader_s / n_batches, "jpeg_write_s": write_s})
 
     # The fastest step (compiled model, CUDA graphs on a GPU) fed by the loader, then by synthetic tensors: the
