@@ -62,7 +62,8 @@ def measure(model, pixels, ctx, compile: bool, compile_encoder: bool = False) ->
         times.sort()
         return {"images_per_s": pixels.shape[0] / times[1], "median_ms": 1e3 * times[1], "caption0": captions[0][:60]}
     except Exception as e:  # one variant failing must not lose the others
-        return {"error": f"{type(e).__name__}: {str(e)[:300]}"}
+        text = str(e)  # the reason a kernel was refused comes at the end of a long message
+        return {"error": f"{type(e).__name__}: {text[:300]} ... {text[-1500:]}"}
 
 
 def main() -> None:
