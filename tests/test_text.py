@@ -34,3 +34,40 @@ def test_eos_state_is_the_last_real_token():
     states = torch.arange(2 * 4 * 1, dtype=torch.float).view(2, 4, 1)
     mask = torch.tensor([[1, 1, 0, 0], [1, 1, 1, 1]])
     assert gather_eos(states, mask).flatten().tolist() == [1.0, 7.0]
+
+
+def test_image_cross_attention_is_traced_without_a_mask():
+    """The text model's attention equals transformers' SDPA, and under torch.compile its cross-attention to the
+    image tokens gets no mask (transformers 5.17 materialises one while tracing, which rules out fused kernels)
+    while the padded self-attention keeps its mask."""
+    import copy
+
+    from loravl.config import TextConfig
+    from loravl.text import build_text_model
+
+    torch.manual_seed(0)
+    model = build_text_model(TextConfig(num_layers=2, hidden_size=64, num_heads=4), 400, 1, 2, 0).eval()
+    reference = copy.deepcopy(model)
+    reference.set_attn_implementation("sdpa")
+    ids = torch.randint(3, 400, (2, 8))
+    mask = torch.ones_like(ids)
+    mask[1, 6:] = 0
+    image = torch.randn(2, 17, 64)
+    traced = []
+
+    def record_sdpa_masks(gm, example_inputs):
+        for node in gm.graph.nodes:
+            if node.op == "call_function" and "scaled_dot_product_attention" in str(node.target):
+                attn_mask = node.kwargs.get("attn_mask", node.args[3] if len(node.args) > 3 else None)
+                keys = node.args[1].meta["example_value"].shape[2]
+                traced.append((keys, attn_mask is not None))
+        return gm.forward
+
+    with torch.no_grad():
+        expected = reference(input_ids=ids, attention_mask=mask, encoder_hidden_states=image).logits
+        eager = model(input_ids=ids, attention_mask=mask, encoder_hidden_states=image).logits
+        compiled = torch.compile(model, backend=record_sdpa_masks, fullgraph=True)(
+            input_ids=ids, attention_mask=mask, encoder_hidden_states=image).logits
+        torch._dynamo.reset()
+    assert torch.equal(eager, expected) and torch.allclose(compiled, expected, atol=1e-6)
+    assert sorted(traced) == [(8, True), (8, True), (17, False), (17, False)]

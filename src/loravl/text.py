@@ -11,11 +11,35 @@ from typing import Iterable, Optional
 
 import torch
 from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
-from transformers import AutoTokenizer, GPT2Config, GPT2LMHeadModel, PreTrainedTokenizerFast
+from transformers import AttentionInterface, AutoTokenizer, GPT2Config, GPT2LMHeadModel, PreTrainedTokenizerFast
+from transformers.integrations.sdpa_attention import sdpa_attention_forward
+from transformers.masking_utils import AttentionMaskInterface, sdpa_mask
 
 from .config import ConfigError, TextConfig
 
 PAD, BOS, EOS = "<pad>", "<bos>", "<eos>"
+
+# The text model's attention: transformers' SDPA, except that cross-attention to the image tokens gets no mask.
+ATTENTION = "loravl_sdpa"
+
+
+def sdpa_unmasked_image_attention(module: torch.nn.Module, query: torch.Tensor, key: torch.Tensor,
+                                  value: torch.Tensor, attention_mask: Optional[torch.Tensor], **kwargs):
+    """SDPA where cross-attention to the image tokens runs without a mask.
+
+    Every image token is real: the model never passes an ``encoder_attention_mask``. Eagerly, transformers then
+    passes no mask either. While compiling, transformers 5.17 materialises an all-ones mask 257 tokens wide. With
+    that mask no fused kernel applies, and SDPA takes its fp32 math path in every captioner layer and every
+    decoding step (bench/results/2026-11-23_h100_profile_generate_run5.txt). Self-attention keeps its mask: text
+    has padding.
+    """
+    if getattr(module, "is_cross_attention", False):
+        attention_mask = None
+    return sdpa_attention_forward(module, query, key, value, attention_mask, **kwargs)
+
+
+AttentionInterface.register(ATTENTION, sdpa_unmasked_image_attention)
+AttentionMaskInterface.register(ATTENTION, sdpa_mask)
 
 
 def train_tokenizer(captions: Iterable[str], vocab_size: int) -> PreTrainedTokenizerFast:
@@ -111,7 +135,9 @@ def build_text_model(cfg: TextConfig, vocab_size: int, bos_id: int, eos_id: int,
         eos_token_id=eos_id,
         pad_token_id=pad_id,
     )
-    return GPT2LMHeadModel(config)
+    model = GPT2LMHeadModel(config)
+    model.set_attn_implementation(ATTENTION)
+    return model
 
 
 def eos_positions(attention_mask: torch.Tensor) -> torch.Tensor:
