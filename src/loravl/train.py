@@ -271,7 +271,8 @@ def allocate_grads(params: list[nn.Parameter]) -> None:
 
     With CUDA graphs a backward's gradient lives in the graph's memory pool. Autograd installs the first gradient
     of a parameter without ``.grad`` by taking that tensor itself, and the next replay (the next micro-batch, or
-    another graph that shares the pool) overwrites it: accumulated gradients silently go wrong (pytorch#169545).
+    another graph that shares the pool) overwrites it: accumulated gradients go wrong, or the step stops with
+    "accessing tensor output of CUDAGraphs that has been overwritten" (pytorch#169545, bench/cuda_graphs_check.py).
     Into an existing ``.grad`` autograd adds in place instead. Kept across steps by ``zero_grad(set_to_none=False)``.
     """
     for p in params:
@@ -584,7 +585,8 @@ def check_replicas(model: VisionLanguageModel, env: DistributedEnv, step: int) -
     sums = torch.stack([torch.stack([params[n].double().sum(), params[n].double().pow(2).sum()]) for n in names])
     gathered = [torch.empty_like(sums) for _ in range(env.world_size)]
     dist.all_gather(gathered, sums)
-    differing = sorted({names[i] for g in gathered[1:] for i in (g != gathered[0]).any(dim=1).nonzero().flatten().tolist()})
+    differing = sorted({names[i] for g in gathered[1:]
+                        for i in (g != gathered[0]).any(dim=1).nonzero().flatten().tolist()})
     if differing:
         raise RuntimeError(f"replicas diverged at step {step}: {len(differing)} tensors differ across ranks, "
                            f"e.g. {', '.join(differing[:5])}")
