@@ -276,7 +276,7 @@ def build_arg_parser() -> argparse.ArgumentParser:
     parser.add_argument("--seed", type=int, default=None, help="seed for --do_sample")
     parser.add_argument("--compile", action="store_true",
                         help="on a GPU: static KV cache and a compiled decoding step (CUDA graphs); the first batch "
-                             "compiles for a minute, later ones run several times faster (see BENCHMARKS.md)")
+                             "compiles (under a minute on an H100), later ones ran 1.3-1.7x faster (BENCHMARKS.md)")
     parser.add_argument("--output", default=None, help="also write JSONL lines {image, caption}")
     parser.add_argument("--device", default=None, help="cpu, cuda, cuda:1 (default: cuda when available)")
     parser.add_argument("--num_workers", type=int, default=None, help="image decoding threads")
