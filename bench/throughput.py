@@ -135,12 +135,16 @@ def train_step(model, optimizer, batch, autocast_dtype, graphs: bool = False):
         allocate_grads(params)
     # A new step for CUDA graphs (compile mode reduce-overhead): the last step's graph outputs may be reused.
     torch.compiler.cudagraph_mark_step_begin()
-    with torch.autocast(batch["pixel_values"].device.type, dtype=autocast_dtype, enabled=autocast_dtype is not None):
+    record = torch.profiler.record_function  # labels for profile_step; nothing when not profiling
+    with record("step: forward"), torch.autocast(batch["pixel_values"].device.type, dtype=autocast_dtype,
+                                                 enabled=autocast_dtype is not None):
         out = model(**batch)
-    out["loss"].backward()
-    torch.nn.utils.clip_grad_norm_(params, 1.0)
-    optimizer.step()
-    optimizer.zero_grad(set_to_none=not graphs)
+    with record("step: backward"):
+        out["loss"].backward()
+    with record("step: clip + optimizer"):
+        torch.nn.utils.clip_grad_norm_(params, 1.0)
+        optimizer.step()
+        optimizer.zero_grad(set_to_none=not graphs)
     return out
 
 
@@ -155,8 +159,33 @@ def reset_peak(device):
 
 
 def profile_step(model, optimizer, batch, dtype, path: Path, graphs: bool) -> None:
-    """Where one step's time goes: the top operators by device time and by host time."""
-    profile_calls(lambda: train_step(model, optimizer, batch, dtype, graphs), path)
+    """Where one step's time goes: the top operators by device time and by host time, and the forward's device
+    time by part of the model (labelled ranges ``fwd: ...``, outside the compiled regions)."""
+    import loravl.model as model_module
+
+    def labelled(fn, label):
+        def call(*args, **kwargs):
+            with torch.profiler.record_function(label):
+                return fn(*args, **kwargs)
+        return call
+
+    # Instance attributes shadow the methods; the module-level encode_text is the momentum and queue text pass
+    # (model.encode_text, the online one, is labelled on its own and nests it).
+    patched = {"encode_image": "fwd: vision encoder + compressor + ITC image head",
+               "encode_text": "fwd: text encoder (online)", "itm_logits": "fwd: fusion + ITM head (3B pairs)",
+               "caption_logits": "fwd: captioner", "momentum_update": "fwd: momentum update"}
+    for name, label in patched.items():
+        setattr(model, name, labelled(getattr(model, name), label))
+    model.vision.forward = labelled(model.vision.forward, "fwd: vision encoder")
+    original_encode_text = model_module.encode_text
+    model_module.encode_text = labelled(original_encode_text, "fwd: text pass (any, incl. momentum)")
+    try:
+        profile_calls(lambda: train_step(model, optimizer, batch, dtype, graphs), path)
+    finally:
+        model_module.encode_text = original_encode_text
+        for name in [*patched, "forward"]:
+            target = model.vision if name == "forward" else model
+            target.__dict__.pop(name, None)
 
 
 def profile_calls(fn, path: Path, calls: int = 2) -> None:
@@ -168,10 +197,19 @@ def profile_calls(fn, path: Path, calls: int = 2) -> None:
         if torch.cuda.is_available():
             torch.cuda.synchronize()
     table = prof.key_averages()
-    sort = "self_cuda_time_total" if torch.cuda.is_available() else "self_cpu_time_total"
+    cuda = torch.cuda.is_available()
+    sort = "self_cuda_time_total" if cuda else "self_cpu_time_total"
+    # Labelled ranges: device time of the kernels launched inside each (CUDA-graph replays included), per call.
+    lines = [f"{'labelled range':<60}{'calls':>7}{'device ms/call':>16}{'host ms/call':>14}"]
+    for e in sorted((e for e in table if e.key.startswith(("step:", "fwd:"))), key=lambda e: e.key):
+        device_ms, host_ms = ((e.device_time_total if cuda else 0.0) / max(e.count, 1) / 1e3,
+                              e.cpu_time_total / max(e.count, 1) / 1e3)
+        lines.append(f"{e.key:<60}{e.count:>7}{device_ms:>16.3f}{host_ms:>14.3f}")
     path.parent.mkdir(parents=True, exist_ok=True)
-    path.write_text(table.table(sort_by=sort, row_limit=40, max_name_column_width=60) + "\n\n"
-                    + table.table(sort_by="cpu_time_total", row_limit=25, max_name_column_width=60))
+    path.write_text("\n".join(lines) + "\n\n" + table.table(sort_by=sort, row_limit=40, max_name_column_width=60)
+                    + "\n\n" + table.table(sort_by="cpu_time_total", row_limit=25, max_name_column_width=60))
+    if len(lines) > 1:
+        print("\n".join(lines), flush=True)
 
 
 def count_step_flops(model, optimizer, batch, autocast_dtype) -> int:
@@ -199,14 +237,30 @@ def bench_encoder(timer, device, args, cfg, tokenizer) -> list[dict]:
                             encoder_mode=mode or "default")
         encoder = model.vision
 
-        def forward_only():
-            with torch.no_grad(), torch.autocast(device.type, dtype=dtype, enabled=dtype is not None):
-                encoder(pixels)
+        def forward_only(inputs=pixels, autocast=True):
+            with torch.no_grad(), torch.autocast(device.type, dtype=dtype, enabled=autocast and dtype is not None):
+                encoder(inputs)
 
+        # Phase 1 as the trainer runs it: LoRA frozen at B = 0, so its path is switched off.
         reset_peak(device)
         t = timer(forward_only, warmup=args.warmup, iters=args.steps)
         rows.append({"name": f"encoder forward{suffixes[mode]}", "images_per_s":
-                     args.batch_size / t["median_s"], "peak_gib": peak_memory_gib(device), **t})
+                     args.batch_size / t["median_s"], "peak_gib": peak_memory_gib(device),
+                     "lora_path": encoder.adapter_path_on, **t})
+        # The same with the frozen LoRA path computed (what phase 1 cost before it was switched off; a trained
+        # LoRA at inference costs this): B set to a tiny non-zero value.
+        lora_b = [p for n, p in encoder.lora_parameters() if ".lora_B." in n]
+        with torch.no_grad():
+            for p in lora_b:
+                p.fill_(1e-8)
+        reset_peak(device)
+        t = timer(forward_only, warmup=args.warmup, iters=args.steps)
+        rows.append({"name": f"encoder forward{suffixes[mode]}, frozen LoRA path computed", "images_per_s":
+                     args.batch_size / t["median_s"], "peak_gib": peak_memory_gib(device),
+                     "lora_path": encoder.adapter_path_on, **t})
+        with torch.no_grad():
+            for p in lora_b:
+                p.zero_()
         encoder.set_lora_trainable(True)
         opt = torch.optim.AdamW([p for _, p in encoder.lora_parameters()], lr=1e-4, fused=device.type == "cuda")
 
@@ -221,6 +275,21 @@ def bench_encoder(timer, device, args, cfg, tokenizer) -> list[dict]:
         t = timer(lora_forward_backward, warmup=args.warmup, iters=args.steps)
         rows.append({"name": f"encoder LoRA fwd+bwd{suffixes[mode]}", "images_per_s":
                      args.batch_size / t["median_s"], "peak_gib": peak_memory_gib(device), **t})
+        if dtype is not None:
+            # The frozen encoder with its weights stored in bf16 (no autocast, so a bf16 residual stream too):
+            # what a plain bf16 DINOv2 costs, beside the trainer's fp32 weights under autocast.
+            del opt
+            encoder.set_lora_trainable(False)
+            with torch.no_grad():
+                for p in lora_b:
+                    p.zero_()
+            encoder.to(dtype)
+            pixels_low = pixels.to(dtype)
+            reset_peak(device)
+            t = timer(lambda: forward_only(pixels_low, autocast=False), warmup=args.warmup, iters=args.steps)
+            rows.append({"name": f"encoder forward{suffixes[mode]}, bf16 weights", "images_per_s":
+                         args.batch_size / t["median_s"], "peak_gib": peak_memory_gib(device),
+                         "lora_path": encoder.adapter_path_on, **t})
     return rows
 
 
@@ -373,11 +442,20 @@ def bench_generate(timer, device, args, cfg, tokenizer) -> list[dict]:
     """Greedy captioning as ``generate_captions.py`` runs it: transformers' generate() with a dynamic cache, and
     with ``compile`` (static caches, decoding step compiled with CUDA graphs by generate()), in the same run."""
     model = build_model(args, cfg, tokenizer, device, compile_encoder=False).eval()
+    with torch.no_grad():  # a trained LoRA (B non-zero), so that the encoder computes its path as it would
+        for n, p in model.vision.lora_parameters():
+            if ".lora_B." in n:
+                p.normal_(std=1e-3)
     b = 256 if not args.tiny else 4
     pixels = torch.randn(b, 3, args.image_size, args.image_size, device=device)
     dtype = torch.bfloat16 if device.type == "cuda" else None
     rows = []
-    for compiled in (False, True):
+    # (label, compile=, LoRA merged into the encoder's weights by PEFT)
+    for label, compiled, merged in (("", False, False), (", compiled", True, False),
+                                    (", compiled, LoRA merged", True, True)):
+        if merged:
+            model.vision.model.merge_adapter()
+
         def run():
             with torch.autocast(device.type, dtype=dtype, enabled=dtype is not None):
                 # min_new_tokens: a random model may emit <eos> early; time all 30 tokens
@@ -385,12 +463,11 @@ def bench_generate(timer, device, args, cfg, tokenizer) -> list[dict]:
 
         try:
             t = timer(run, warmup=3 if compiled else 1, iters=max(2, args.steps // 4))
-            rows.append({"name": f"generate greedy b={b} 30 tokens{', compiled' if compiled else ''}",
-                         "images_per_s": b / t["median_s"], **t})
+            rows.append({"name": f"generate greedy b={b} 30 tokens{label}", "images_per_s": b / t["median_s"], **t})
         except Exception as e:  # the compiled path must not lose the dynamic figure
-            rows.append({"name": "generate compiled FAILED", "error": f"{type(e).__name__}: {str(e)[:400]}"})
+            rows.append({"name": f"generate{label} FAILED", "error": f"{type(e).__name__}: {str(e)[:400]}"})
             continue
-        if args.profile_dir and compiled:
+        if args.profile_dir and compiled and not merged:
             profile_calls(run, Path(args.profile_dir) / "profile_generate.txt")
     return rows
 

@@ -68,6 +68,70 @@ def test_frozen_encoder_runs_without_dropout_and_trains_with_it(tiny_dinov2_path
     assert not encoder.model.training
 
 
+def _lora_path_calls(encoder) -> list:
+    """Records each call of a LoRA A layer: the adapter path ran."""
+    calls = []
+    for module in encoder.model.modules():
+        if hasattr(module, "lora_A") and hasattr(module, "base_layer"):
+            for lora_a in module.lora_A.values():
+                lora_a.register_forward_hook(lambda *_: calls.append(1))
+    return calls
+
+
+def test_frozen_zero_lora_path_is_skipped_and_output_exact(tiny_dinov2_path):
+    # Phase 1: B is zero and frozen, so the LoRA path adds exactly nothing; it is not computed at all.
+    torch.manual_seed(0)
+    pixels = torch.randn(2, 3, 28, 28)
+    plain = AutoModel.from_pretrained(tiny_dinov2_path).eval()
+    encoder = VisionEncoder(VisionConfig(pretrained=tiny_dinov2_path, image_size=28))
+    calls = _lora_path_calls(encoder)
+    with torch.no_grad():
+        torch.testing.assert_close(encoder(pixels), plain(pixel_values=pixels).last_hidden_state, rtol=0, atol=0)
+    assert not calls and not encoder.adapter_path_on
+    assert not any(p.requires_grad for _, p in encoder.lora_parameters())
+
+    encoder.set_lora_trainable(True)  # phase 2: the path runs and trains, though B is still zero
+    encoder(pixels).sum().backward()
+    assert calls and encoder.adapter_path_on
+    assert all(p.grad is not None for n, p in encoder.lora_parameters() if ".lora_B." in n)
+
+
+@pytest.mark.parametrize("write", ["in_place", "load_state_dict"])
+def test_frozen_nonzero_lora_is_applied(tiny_dinov2_path, write):
+    # A frozen LoRA that is not zero (a trained checkpoint loaded for inference, B edited in place) must act.
+    torch.manual_seed(0)
+    pixels = torch.randn(2, 3, 28, 28)
+    trained = VisionEncoder(VisionConfig(pretrained=tiny_dinov2_path, image_size=28)).eval()
+    trained.set_lora_trainable(True)
+    with torch.no_grad():
+        for _, p in trained.lora_parameters():
+            p.normal_(std=0.5)
+        expected = trained(pixels)
+    trained.set_lora_trainable(False)
+
+    encoder = VisionEncoder(VisionConfig(pretrained=tiny_dinov2_path, image_size=28)).eval()
+    plain_out = encoder(pixels)
+    if write == "in_place":
+        with torch.no_grad():
+            for (_, p), (_, q) in zip(encoder.lora_parameters(), trained.lora_parameters()):
+                p.copy_(q)
+    else:
+        encoder.load_state_dict(trained.state_dict())
+    calls = _lora_path_calls(encoder)
+    out = encoder(pixels)
+    assert calls and encoder.adapter_path_on
+    assert not torch.equal(out, plain_out)
+    torch.testing.assert_close(out, expected, rtol=0, atol=0)
+    assert not any(p.requires_grad for _, p in encoder.lora_parameters())  # enabling the path kept it frozen
+
+    with torch.no_grad():  # back to zero: the path goes off again
+        for n, p in encoder.lora_parameters():
+            if ".lora_B." in n:
+                p.zero_()
+    torch.testing.assert_close(encoder(pixels), plain_out, rtol=0, atol=0)
+    assert not encoder.adapter_path_on
+
+
 @pytest.mark.parametrize("image_size,total", [
     (224, 86_315_520),  # the figure in our design notes: 257 position embeddings
     (518, 87_170_304),  # facebook/dinov2-base's own config.json: 1370 position embeddings

@@ -190,17 +190,45 @@ class VisionEncoder(nn.Module):
             from .lora_fa import apply_lora_fa
 
             apply_lora_fa(self.model)
+        self._lora_b = [p for n, p in self.lora_parameters() if ".lora_B." in n]
+        self.adapter_path_on = True  # PEFT's LoRA layers compute their path (see update_adapter_path)
+        self._zero_checked: tuple | None = None  # which lora_B tensors were last found all zero
         self.set_lora_trainable(False)
 
     def lora_parameters(self) -> list[tuple[str, nn.Parameter]]:
         return [(n, p) for n, p in self.named_parameters() if "lora_" in n]
 
     def set_lora_trainable(self, trainable: bool) -> None:
+        self.lora_trainable = trainable
+        self.update_adapter_path()
+        self._set_lora_requires_grad()
+        self.train(self.training)
+
+    def _set_lora_requires_grad(self) -> None:
         for n, p in self.lora_parameters():
             # LoRA-FA: A stays frozen at its random init for good; only B ever trains.
-            p.requires_grad_(trainable and not (self.lora_variant == "lora_fa" and ".lora_A." in n))
-        self.lora_trainable = trainable
-        self.train(self.training)
+            p.requires_grad_(self.lora_trainable and not (self.lora_variant == "lora_fa" and ".lora_A." in n))
+
+    def update_adapter_path(self) -> None:
+        """Switch PEFT's LoRA path off while it adds exactly nothing: LoRA frozen and every B zero.
+
+        That is phase 1 (B starts at zero and does not train until the switch). The path would still cost two
+        thin matmuls and a full-width add in every adapted layer of every forward (as much memory traffic as a
+        LayerNorm each). B is re-checked whenever a B tensor was written since the last check (a loaded
+        checkpoint, an in-place edit): its version counter moved. That costs a device sync only then.
+        """
+        on = self.lora_trainable
+        if not on:
+            key = tuple((p.data_ptr(), p._version) for p in self._lora_b)
+            if key != self._zero_checked:
+                self._b_is_zero = not any(bool(p.detach().any()) for p in self._lora_b)
+                self._zero_checked = key
+            on = not self._b_is_zero
+        if on != self.adapter_path_on:
+            tuner = self.model.base_model
+            tuner.enable_adapter_layers() if on else tuner.disable_adapter_layers()
+            self.adapter_path_on = on
+            self._set_lora_requires_grad()  # PEFT marks an adapter trainable when it enables it; the phase decides
 
     def train(self, mode: bool = True) -> "VisionEncoder":
         # While LoRA is frozen the encoder is a fixed function: eval mode, so no dropout noise on the frozen LoRA
@@ -211,6 +239,7 @@ class VisionEncoder(nn.Module):
         return self
 
     def forward(self, pixel_values: torch.Tensor) -> torch.Tensor:
+        self.update_adapter_path()
         # Phase 1: nothing in the encoder trains, so no autograd graph is built through it at all.
         with torch.set_grad_enabled(self.lora_trainable and torch.is_grad_enabled()):
             return self.model(pixel_values=pixel_values).last_hidden_state
