@@ -192,15 +192,22 @@ def profile_calls(fn, path: Path, calls: int = 2) -> None:
     from torch.profiler import ProfilerActivity, profile
     activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if torch.cuda.is_available() else [])
     with profile(activities=activities) as prof:
+        t0 = time.perf_counter()
         for _ in range(calls):
             fn()
         if torch.cuda.is_available():
             torch.cuda.synchronize()
+        wall_s = time.perf_counter() - t0
     table = prof.key_averages()
     cuda = torch.cuda.is_available()
+    from torch.autograd import DeviceType
+    kernels_us = sum(e.time_range.elapsed_us() for e in prof.events()
+                     if e.device_type == DeviceType.CUDA and not e.is_user_annotation)
     sort = "self_cuda_time_total" if cuda else "self_cpu_time_total"
     # Labelled ranges: device time of the kernels launched inside each (CUDA-graph replays included), per call.
-    lines = [f"{'labelled range':<60}{'calls':>7}{'device ms/call':>16}{'host ms/call':>14}"]
+    lines = [f"per call, under the profiler: {wall_s / calls * 1e3:.3f} ms wall, {kernels_us / calls / 1e3:.3f} ms of "
+             f"device kernels ({calls} calls)",
+             f"{'labelled range':<60}{'calls':>7}{'device ms/call':>16}{'host ms/call':>14}"]
     for e in sorted((e for e in table if e.key.startswith(("step:", "fwd:"))), key=lambda e: e.key):
         device_ms, host_ms = ((e.device_time_total if cuda else 0.0) / max(e.count, 1) / 1e3,
                               e.cpu_time_total / max(e.count, 1) / 1e3)
@@ -208,8 +215,7 @@ def profile_calls(fn, path: Path, calls: int = 2) -> None:
     path.parent.mkdir(parents=True, exist_ok=True)
     path.write_text("\n".join(lines) + "\n\n" + table.table(sort_by=sort, row_limit=40, max_name_column_width=60)
                     + "\n\n" + table.table(sort_by="cpu_time_total", row_limit=25, max_name_column_width=60))
-    if len(lines) > 1:
-        print("\n".join(lines), flush=True)
+    print("\n".join(lines), flush=True)
 
 
 def count_step_flops(model, optimizer, batch, autocast_dtype) -> int:

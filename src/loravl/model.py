@@ -58,6 +58,7 @@ class VisionLanguageModel(nn.Module):
             momentum.eval()
 
         self._decoding_caches: dict = {}  # generate(compile=True); not state: rebuilt on demand
+        self._image_path_compiled = False  # the encoder and compressor, by compile() or generate(compile=True)
 
         keep_fusion_inputs = cfg.loss.itm_negatives == "queue"
         self.queue = FeatureQueue(
@@ -99,6 +100,7 @@ class VisionLanguageModel(nn.Module):
         # mode and caption width, and the encoder by phase, pass the default limit of 8, after which the rest runs
         # eager with one warning (seen on the H100 in bench/cuda_graphs_check.py).
         torch._dynamo.config.recompile_limit = max(torch._dynamo.config.recompile_limit, 64)
+        self._image_path_compiled = True
         for module in (self.vision.model, self.compressor, self.compressor_m, self.text.transformer, self.text_m,
                        self.fusion):
             module.compile(**kwargs)
@@ -143,8 +145,15 @@ class VisionLanguageModel(nn.Module):
 
         ``compile``: decode with a static KV cache, which transformers' ``generate()`` compiles on a GPU (CUDA
         graphs, ``CompileConfig``'s default mode): decoding a small model is bound by kernel launches, not by the
-        GPU. The first call per batch size compiles. Greedy and sampling only; beam search reorders the cache.
+        GPU. On a GPU the encoder and compressor are compiled too (once, in place). The first call per batch
+        size compiles. Greedy and sampling only; beam search reorders the cache.
         """
+        if compile and pixel_values.device.type == "cuda" and not self._image_path_compiled:
+            # With the decoding step compiled, the eager encoder is most of a call's GPU time (bench/results/
+            # 2026-11-23_h100_profile_generate_run7.txt). Like generate(), compile only on a GPU.
+            self.vision.model.compile()
+            self.compressor.compile()
+            self._image_path_compiled = True
         image_tokens = self.encode_image(pixel_values)["image_tokens"]
         bos = torch.full((pixel_values.shape[0], 1), self.tokenizer.bos_id, dtype=torch.long,
                          device=pixel_values.device)
