@@ -132,6 +132,28 @@ def test_frozen_nonzero_lora_is_applied(tiny_dinov2_path, write):
     assert not encoder.adapter_path_on
 
 
+def test_compiled_encoder_follows_the_adapter_switch(tiny_dinov2_path):
+    # torch.compile must not keep a graph traced with the LoRA path off once it is back on (phase 2, a loaded
+    # LoRA): LoRA would then silently get zero gradients. Dynamo's guards are what is tested (the eager backend).
+    torch.manual_seed(0)
+    pixels = torch.randn(2, 3, 28, 28)
+    encoder = VisionEncoder(VisionConfig(pretrained=tiny_dinov2_path, image_size=28)).eval()
+    encoder.model.compile(backend="eager")
+    plain_out = encoder(pixels)
+    assert not encoder.adapter_path_on
+
+    encoder.set_lora_trainable(True)
+    opt = torch.optim.SGD([p for _, p in encoder.lora_parameters()], lr=1.0)
+    encoder(pixels).pow(2).mean().backward()
+    lora_b_grads = [p.grad for n, p in encoder.lora_parameters() if ".lora_B." in n]
+    assert all(g is not None and g.abs().sum() > 0 for g in lora_b_grads)
+    opt.step()
+
+    encoder.set_lora_trainable(False)  # frozen again, but B has moved: the path stays on
+    assert encoder.adapter_path_on
+    assert not torch.allclose(encoder(pixels), plain_out)
+
+
 @pytest.mark.parametrize("image_size,total", [
     (224, 86_315_520),  # the figure in our design notes: 257 position embeddings
     (518, 87_170_304),  # facebook/dinov2-base's own config.json: 1370 position embeddings
