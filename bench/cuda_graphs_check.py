@@ -9,7 +9,8 @@ phase 1 and phase 2 on identically initialised models and records every gradient
   unsafe           the same graphs, gradients set to None between steps (the trainer before allocate_grads): the
                    first micro-batch's gradient is the graph's own output buffer, which the next replay overwrites
 Dropout is off, so the runs differ only by how the step is executed. Prints each step's relative gradient error
-against the reference and exits 1 if the trainer's variant is off by more than ``--tolerance``.
+against the reference and the LoRA gradient norm, and exits 1 if the trainer's variant is off by more than
+``--tolerance`` or if LoRA gets no gradient in phase 2 (its path is switched off in phase 1, while B is zero).
 """
 from __future__ import annotations
 
@@ -44,7 +45,9 @@ def micro_batches(tokenizer, step: int, batch_size: int, image_size: int) -> lis
     return out
 
 
-def run_variant(name: str, args, cfg: ModelConfig, tokenizer, device) -> list[list[torch.Tensor]]:
+def run_variant(name: str, args, cfg: ModelConfig, tokenizer, device) -> tuple[list[list[torch.Tensor]], list[float]]:
+    """Every gradient before each optimizer step, and the norm of the LoRA gradients at each step (0 in phase 1;
+    in phase 2 it must not be: the encoder's LoRA path, off in phase 1, must be back on in the compiled graphs)."""
     mode = "default" if name == "default" else "reduce-overhead"
     # unsafe: graphs compiled in, but the step is told nothing of them (compile: false), as before allocate_grads
     tc = TrainConfig(compile=name != "unsafe", compile_mode=mode, lr=1e-4, lora_lr=1e-4, max_grad_norm=1.0)
@@ -54,20 +57,26 @@ def run_variant(name: str, args, cfg: ModelConfig, tokenizer, device) -> list[li
     model = VisionLanguageModel(cfg, tokenizer).to(device).train()
     model.compile(mode=mode)
     grads: list[list[torch.Tensor]] = []
+    lora_norms: list[float] = []
+    lora = [p for _, p in model.lora_parameters()]
     step = 0
+
+    def record(*_):
+        grads.append([torch.zeros_like(p, dtype=torch.float) if p.grad is None else p.grad.detach().float().clone()
+                      for p in params])
+        lora_norms.append(float(sum(p.grad.float().pow(2).sum() for p in lora if p.grad is not None) ** 0.5))
+
     for phase in (1, 2):
         model.set_lora_trainable(phase == 2)
         optimizer = build_optimizer(model, tc, device)
         params = [p for group in optimizer.param_groups for p in group["params"]]
-        optimizer.register_step_pre_hook(lambda *_: grads.append(
-            [torch.zeros_like(p, dtype=torch.float) if p.grad is None else p.grad.detach().float().clone()
-             for p in params]))
+        optimizer.register_step_pre_hook(record)
         for _ in range(args.steps):
             torch.manual_seed(1000 + step)  # the same hard negatives in every variant
             train_step(model, micro_batches(tokenizer, step, args.batch_size, cfg.vision.image_size), optimizer,
                        precision, tc, env)
             step += 1
-    return grads
+    return grads, lora_norms
 
 
 def relative_error(grads, reference) -> float:
@@ -102,19 +111,24 @@ def main() -> None:
         results = {"device": torch.cuda.get_device_name() if device.type == "cuda" else "cpu",
                    "torch": torch.__version__, "steps_per_phase": args.steps, "batch_size": args.batch_size,
                    "variants": {}}
-        reference = run_variant("default", args, cfg, tokenizer, device)
-        failed = False
+        reference, reference_lora = run_variant("default", args, cfg, tokenizer, device)
+        results["variants"]["default"] = {"lora_grad_norm_per_step": reference_lora}
+        print("default", json.dumps(results["variants"]["default"]), flush=True)
+        phase2 = slice(args.steps, None)
+        failed = not all(n > 0 for n in reference_lora[phase2])
         for name in ("reduce-overhead", "unsafe"):
             try:
-                grads = run_variant(name, args, cfg, tokenizer, device)
+                grads, lora_norms = run_variant(name, args, cfg, tokenizer, device)
                 errors = [relative_error(g, r) for g, r in zip(grads, reference)]
-                results["variants"][name] = {"relative_grad_error_per_step": errors, "max": max(errors)}
+                results["variants"][name] = {"relative_grad_error_per_step": errors, "max": max(errors),
+                                             "lora_grad_norm_per_step": lora_norms}
             except Exception as e:  # the unsafe variant may also fail loudly
                 results["variants"][name] = {"error": f"{type(e).__name__}: {str(e)[:400]}"}
-                errors = None
+                errors = lora_norms = None
             print(name, json.dumps(results["variants"][name]), flush=True)
             if name == "reduce-overhead":
-                failed = errors is None or max(errors) > args.tolerance
+                failed = failed or errors is None or max(errors) > args.tolerance \
+                    or not all(n > 0 for n in lora_norms[phase2])
         results["passed"] = not failed
         Path(args.out).write_text(json.dumps(results, indent=2))
     print("PASSED" if not failed else "FAILED", f"(tolerance {args.tolerance})")
