@@ -58,6 +58,7 @@ class VisionLanguageModel(nn.Module):
             momentum.eval()
 
         self._decoding_caches: dict = {}  # generate(compile=True); not state: rebuilt on demand
+        self._momentum_params: tuple[list, list] | None = None  # (online, momentum), listed by momentum_update
         self._image_path_compiled = False  # the encoder and compressor, by compile() or generate(compile=True)
 
         keep_fusion_inputs = cfg.loss.itm_negatives == "queue"
@@ -107,10 +108,12 @@ class VisionLanguageModel(nn.Module):
 
     @torch.no_grad()
     def momentum_update(self) -> None:
-        m = self.cfg.loss.momentum
-        online = [p for o, _ in self._momentum_pairs() for p in o.parameters()]
-        momentum = [p for _, mm in self._momentum_pairs() for p in mm.parameters()]
-        torch._foreach_lerp_(momentum, online, 1.0 - m)
+        if self._momentum_params is None:  # listed once: this runs every step, and the parameters stay the same
+            pairs = self._momentum_pairs()
+            self._momentum_params = ([p for o, _ in pairs for p in o.parameters()],
+                                     [p for _, m in pairs for p in m.parameters()])
+        online, momentum = self._momentum_params
+        torch._foreach_lerp_(momentum, online, 1.0 - self.cfg.loss.momentum)
 
     def clamped_temperature(self) -> torch.Tensor:
         return self.temperature.clamp(self.cfg.loss.min_temperature, self.cfg.loss.max_temperature)
