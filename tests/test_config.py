@@ -41,6 +41,8 @@ def test_wrong_type_and_impossible_value_name_the_field():
         load_config(None, ["--image_pooling", "attention", "--image_pooling_heads", "3"])
     with pytest.raises(ConfigError, match=r"train.compile_mode must be one of default, reduce-overhead"):
         load_config(None, ["--compile_mode", "fast"])
+    with pytest.raises(ConfigError, match=r"train.compile_scope must be 'forward' or 'modules'"):
+        load_config(None, ["--compile_scope", "step"])
 
 
 def test_ambiguous_flat_flag_lists_the_choices():

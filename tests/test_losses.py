@@ -35,14 +35,14 @@ def test_itc_counts_every_caption_of_an_image_as_positive():
 
 def test_queue_wraps_around():
     q = FeatureQueue(size=5, embed_dim=2)
-    assert q.valid() == slice(0, 0)
+    assert not q.valid_mask().any()
     q.enqueue(torch.ones(3, 2), torch.ones(3, 2), torch.tensor([0, 1, 2]))
     assert int(q.ptr) == 3 and int(q.filled) == 3
     q.enqueue(torch.full((4, 2), 2.0), torch.full((4, 2), 2.0), torch.tensor([3, 4, 5, 6]))
     # slots 3,4 then wrap to 0,1; slot 2 keeps the first batch's last entry
     assert q.image_ids.tolist() == [5, 6, 2, 3, 4]
     assert q.image_feats[:, 0].tolist() == [2.0, 2.0, 1.0, 2.0, 2.0]
-    assert int(q.ptr) == 2 and int(q.filled) == 5 and q.valid() == slice(0, 5)
+    assert int(q.ptr) == 2 and int(q.filled) == 5 and q.valid_mask().all()
 
 
 def test_queue_keeps_the_newest_when_a_batch_exceeds_it():
@@ -97,6 +97,27 @@ def test_queue_fill_level_survives_a_state_dict_round_trip():
     q.enqueue(torch.ones(3, 2), torch.ones(3, 2), torch.tensor([0, 1, 2]))
     restored = FeatureQueue(size=4, embed_dim=2)
     restored.load_state_dict(q.state_dict())
-    assert restored.valid() == slice(0, 3)
+    assert restored.valid_mask().tolist() == [True, True, True, False]
     restored.enqueue(torch.ones(3, 2), torch.ones(3, 2), torch.tensor([3, 4, 5]))
-    assert restored.valid() == slice(0, 4) and int(restored.filled) == 4 and int(restored.ptr) == 2
+    assert restored.valid_mask().all() and int(restored.filled) == 4 and int(restored.ptr) == 2
+
+
+def test_itc_masked_candidates_equal_leaving_them_out():
+    """Queue slots not yet written are masked, not sliced off (fixed shapes): the loss and its gradients must be
+    exactly those of the filled candidates alone, distillation included."""
+    torch.manual_seed(0)
+    image, text = F.normalize(torch.randn(3, 8), dim=1), F.normalize(torch.randn(3, 8), dim=1)
+    image.requires_grad_(True)
+    image_m, text_m = F.normalize(torch.randn(3, 8), dim=1), F.normalize(torch.randn(3, 8), dim=1)
+    image_all, text_all = F.normalize(torch.randn(7, 8), dim=1), F.normalize(torch.randn(7, 8), dim=1)
+    ids, ids_all = torch.tensor([0, 1, 1]), torch.tensor([0, 1, 1, 5, 1, -1, -1])  # 5 filled, 2 empty slots
+    mask = torch.tensor([True] * 5 + [False] * 2)
+    t = torch.tensor(0.1)
+    masked = itc_loss(image, text, image_all, text_all, ids, ids_all, t, 0.4, image_m, text_m, mask)
+    grad_masked, = torch.autograd.grad(masked, image)
+    sliced = itc_loss(image, text, image_all[:5], text_all[:5], ids, ids_all[:5], t, 0.4, image_m, text_m)
+    grad_sliced, = torch.autograd.grad(sliced, image)
+    unmasked = itc_loss(image, text, image_all, text_all, ids, ids_all, t, 0.4, image_m, text_m)
+    assert torch.isfinite(masked) and torch.allclose(masked, sliced, atol=1e-6)
+    assert torch.allclose(grad_masked, grad_sliced, atol=1e-6)
+    assert not torch.allclose(masked, unmasked, atol=1e-3)  # the empty slots would have counted

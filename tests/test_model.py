@@ -114,7 +114,7 @@ def test_itm_negatives_from_the_queue(tiny_model_config, tiny_tokenizer):
     out = model(**tiny_batch(tiny_tokenizer, 4, image_ids=[4, 5, 6, 7], seed=1))
     assert torch.isfinite(out["loss_itm"])
     out["loss"].backward()
-    stored = set(model.queue.image_ids[model.queue.valid()].tolist())
+    stored = set(model.queue.image_ids[model.queue.valid_mask()].tolist())
     assert stored == set(range(8))
 
 
@@ -152,3 +152,42 @@ def test_generate_with_static_cache_matches_dynamic(tiny_model_config, tiny_toke
     assert len(model._decoding_caches) == 1
     assert model.generate(first[:2], compile=True, **kwargs) == dynamic[0][:2]
     assert len(model._decoding_caches) == 2
+
+
+@pytest.mark.parametrize("itm_negatives", ["batch", "queue"])
+def test_whole_forward_compiles_once_per_phase_and_matches_eager(tiny_model_config, tiny_tokenizer, itm_negatives):
+    """compile(scope="forward"): one graph for the whole training forward while the queue fills (the queue is
+    masked, not sliced), one more when LoRA starts training; losses, gradients, queue and momentum copies as
+    eager. aot_eager traces forward and backward as inductor would, without its CPU compile time."""
+    from torch._dynamo.testing import CompileCounterWithBackend
+
+    cfg = dataclasses.replace(tiny_model_config, text=dataclasses.replace(tiny_model_config.text, dropout=0.0),
+                              compressor=dataclasses.replace(tiny_model_config.compressor, dropout=0.0))
+    eager = _model(cfg, tiny_tokenizer, itm_negatives=itm_negatives, momentum=0.5).train()
+    compiled = _model(cfg, tiny_tokenizer, itm_negatives=itm_negatives, momentum=0.5).train()
+    counter = CompileCounterWithBackend("aot_eager")
+    torch._dynamo.reset()
+    compiled.compile(scope="forward", backend=counter)
+    for step in range(4):
+        if step == 3:
+            for model in (eager, compiled):
+                model.set_lora_trainable(True)
+        grads = []
+        for model in (eager, compiled):
+            model.zero_grad(set_to_none=True)
+            torch.manual_seed(step)  # the same hard-negative draws
+            out = model(**tiny_batch(tiny_tokenizer, 4, image_ids=[4 * step + i for i in range(4)], seed=step))
+            out["loss"].backward()
+            grads.append({n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None})
+            with torch.no_grad():  # a stand-in optimizer step, so that the momentum copies drift from the online
+                for p in model.parameters():
+                    if p.grad is not None:
+                        p.sub_(0.1 * p.grad)
+        assert grads[0].keys() == grads[1].keys()
+        for name in grads[0]:
+            torch.testing.assert_close(grads[1][name], grads[0][name], atol=1e-5, rtol=1e-4, msg=name)
+        assert counter.frame_count == (1 if step < 3 else 2), step
+    assert any(n.startswith("vision.") and "lora_" in n for n in grads[1])  # phase 2 reaches LoRA
+    for (name, a), b in zip(eager.state_dict().items(), compiled.state_dict().values()):
+        torch.testing.assert_close(b, a, atol=1e-5, rtol=1e-4, msg=name)  # queue, momentum copies, weights
+    assert int(compiled.queue.filled) == 16

@@ -17,8 +17,9 @@ class FeatureQueue(nn.Module):
     """A ring buffer of momentum features (and their image ids) shared by all ranks.
 
     Every rank enqueues the same gathered batch, so the queues stay identical without broadcasting. Slots not yet
-    written are tracked by ``filled`` and never used as negatives. With ``keep_fusion_inputs`` the queue also keeps
-    what fusion needs of each entry (image tokens, text ids and mask) for ITM negatives drawn from the queue.
+    written are tracked by ``filled`` (see ``valid_mask``) and never used as negatives. With ``keep_fusion_inputs``
+    the queue also keeps what fusion needs of each entry (image tokens, text ids and mask) for ITM negatives drawn
+    from the queue.
     """
 
     def __init__(self, size: int, embed_dim: int, keep_fusion_inputs: bool = False,
@@ -31,22 +32,17 @@ class FeatureQueue(nn.Module):
         self.register_buffer("ptr", torch.zeros((), dtype=torch.long))
         self.register_buffer("filled", torch.zeros((), dtype=torch.long))
         self.keep_fusion_inputs = keep_fusion_inputs
-        self._filled_host: Optional[int] = 0
         if keep_fusion_inputs:
             assert image_tokens_shape is not None and text_length is not None
             self.register_buffer("image_tokens", torch.zeros(size, *image_tokens_shape))
             self.register_buffer("text_ids", torch.zeros(size, text_length, dtype=torch.long))
             self.register_buffer("text_mask", torch.zeros(size, text_length, dtype=torch.long))
 
-    def valid(self) -> slice:
-        # The fill level is mirrored on the host so that reading it does not synchronise with the GPU every step.
-        if self._filled_host is None:
-            self._filled_host = int(self.filled)
-        return slice(0, self._filled_host)
-
-    def _load_from_state_dict(self, *args, **kwargs):
-        super()._load_from_state_dict(*args, **kwargs)
-        self._filled_host = None
+    def valid_mask(self) -> torch.Tensor:
+        """Which slots hold an entry, ``[size]`` bool (slots fill from 0 up). A mask over every slot rather than a
+        slice of the filled ones: each step has the same shapes whatever the fill level, so a compiled step is
+        traced once and the fill level is never read on the host."""
+        return torch.arange(self.size, device=self.filled.device) < self.filled
 
     @torch.no_grad()
     def enqueue(self, image_feats: torch.Tensor, text_feats: torch.Tensor, image_ids: torch.Tensor,
@@ -55,7 +51,6 @@ class FeatureQueue(nn.Module):
         n = image_feats.shape[0]
         if n == 0 or self.size == 0:
             return
-        filled_before = self.valid().stop
         if n > self.size:  # keep only the newest entries
             image_feats, text_feats, image_ids = image_feats[-self.size:], text_feats[-self.size:], image_ids[-self.size:]
             if self.keep_fusion_inputs:
@@ -72,35 +67,49 @@ class FeatureQueue(nn.Module):
             self.text_mask[slots] = F.pad(text_mask, (0, pad))
         self.ptr.copy_((self.ptr + n) % self.size)
         self.filled.copy_(torch.clamp(self.filled + n, max=self.size))
-        self._filled_host = min(filled_before + n, self.size)
 
 
 def itc_loss(image_feat: torch.Tensor, text_feat: torch.Tensor,
              image_feat_all: torch.Tensor, text_feat_all: torch.Tensor,
              image_ids: torch.Tensor, image_ids_all: torch.Tensor, temperature: torch.Tensor,
              distill_alpha: float = 0.0,
-             image_feat_m: Optional[torch.Tensor] = None, text_feat_m: Optional[torch.Tensor] = None) -> torch.Tensor:
+             image_feat_m: Optional[torch.Tensor] = None, text_feat_m: Optional[torch.Tensor] = None,
+             candidate_mask: Optional[torch.Tensor] = None) -> torch.Tensor:
     """Image-text contrastive loss (ALBEF).
 
     ``image_feat``/``text_feat``: this rank's L2-normalised online features [B, E]. ``*_all``: the candidates, i.e.
     the momentum features of the global batch followed by the queue [N, E], with their image ids. Every candidate
     with the same image id is a positive (several captions of one image). With ``distill_alpha`` > 0 the target
-    mixes in the momentum model's own similarity distribution.
+    mixes in the momentum model's own similarity distribution. ``candidate_mask`` [N]: False for candidates that do
+    not exist (queue slots not yet written); they take no part, exactly as if left out.
     """
-    positives = (image_ids[:, None] == image_ids_all[None, :]).float()
+    positives = image_ids[:, None] == image_ids_all[None, :]
+    if candidate_mask is not None:
+        positives = positives & candidate_mask[None, :]
+    positives = positives.float()
     targets = positives / positives.sum(dim=1, keepdim=True).clamp(min=1)
-    sim_i2t = image_feat @ text_feat_all.t() / temperature
-    sim_t2i = text_feat @ image_feat_all.t() / temperature
+    sim_i2t = _mask_candidates(image_feat @ text_feat_all.t() / temperature, candidate_mask)
+    sim_t2i = _mask_candidates(text_feat @ image_feat_all.t() / temperature, candidate_mask)
     i2t_targets, t2i_targets = targets, targets
     if distill_alpha > 0:
         with torch.no_grad():
-            i2t_m = F.softmax(image_feat_m @ text_feat_all.t() / temperature, dim=1)
-            t2i_m = F.softmax(text_feat_m @ image_feat_all.t() / temperature, dim=1)
+            i2t_m = F.softmax(_mask_candidates(image_feat_m @ text_feat_all.t() / temperature, candidate_mask), dim=1)
+            t2i_m = F.softmax(_mask_candidates(text_feat_m @ image_feat_all.t() / temperature, candidate_mask), dim=1)
             i2t_targets = distill_alpha * i2t_m + (1 - distill_alpha) * targets
             t2i_targets = distill_alpha * t2i_m + (1 - distill_alpha) * targets
-    loss_i2t = -(F.log_softmax(sim_i2t.float(), dim=1) * i2t_targets).sum(dim=1).mean()
-    loss_t2i = -(F.log_softmax(sim_t2i.float(), dim=1) * t2i_targets).sum(dim=1).mean()
+    loss_i2t = -(_log_probs(sim_i2t, candidate_mask) * i2t_targets).sum(dim=1).mean()
+    loss_t2i = -(_log_probs(sim_t2i, candidate_mask) * t2i_targets).sum(dim=1).mean()
     return (loss_i2t + loss_t2i) / 2
+
+
+def _mask_candidates(similarity: torch.Tensor, candidate_mask: Optional[torch.Tensor]) -> torch.Tensor:
+    return similarity if candidate_mask is None else similarity.masked_fill(~candidate_mask[None, :], float("-inf"))
+
+
+def _log_probs(similarity: torch.Tensor, candidate_mask: Optional[torch.Tensor]) -> torch.Tensor:
+    log_probs = F.log_softmax(similarity.float(), dim=1)
+    # Absent candidates have log-probability -inf and target 0; zero them so that 0 * -inf does not give NaN.
+    return log_probs if candidate_mask is None else log_probs.masked_fill(~candidate_mask[None, :], 0.0)
 
 
 @torch.no_grad()

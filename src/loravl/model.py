@@ -58,7 +58,11 @@ class VisionLanguageModel(nn.Module):
             momentum.eval()
 
         self._decoding_caches: dict = {}  # generate(compile=True); not state: rebuilt on demand
-        self._momentum_params: tuple[list, list] | None = None  # (online, momentum), listed by momentum_update
+        # Listed once for momentum_update, which runs every step (in a compiled forward, a lazy listing would be
+        # one more recompilation).
+        pairs = self._momentum_pairs()
+        self._momentum_params = ([p for o, _ in pairs for p in o.parameters()],
+                                 [p for _, m in pairs for p in m.parameters()])
         self._image_path_compiled = False  # the encoder and compressor, by compile() or generate(compile=True)
 
         keep_fusion_inputs = cfg.loss.itm_negatives == "queue"
@@ -90,17 +94,24 @@ class VisionLanguageModel(nn.Module):
             momentum.eval()  # momentum targets without dropout noise
         return self
 
-    def compile(self, **kwargs) -> None:
-        """``torch.compile`` every heavy submodule in place (parameter names, hence checkpoints, unchanged).
+    def compile(self, scope: str = "forward", **kwargs) -> None:
+        """``torch.compile`` the training forward in place (parameter names, hence checkpoints, unchanged).
 
-        Submodules rather than the whole forward: the queue bookkeeping and hard-negative sampling between them
-        would break the graph or recompile as the queue fills.
+        ``scope``: ``forward`` compiles the whole training forward (encoders, losses, momentum update and queue)
+        as one graph, so its backward is one graph too: the fewest launches and host work per step. ``modules``
+        compiles each heavy submodule on its own and runs the losses and bookkeeping between them eagerly; it
+        also compiles the encoder that ``generate()`` and evaluation use.
         """
         # Dynamo counts recompilations per code object, and transformers' forward wrappers are one code object for
         # every GPT-2 and DINOv2 instance: the text passes (unimodal, captioner, momentum, queue negatives) by grad
         # mode and caption width, and the encoder by phase, pass the default limit of 8, after which the rest runs
         # eager with one warning (seen on the H100 in bench/cuda_graphs_check.py).
         torch._dynamo.config.recompile_limit = max(torch._dynamo.config.recompile_limit, 64)
+        if scope == "forward":
+            self._losses = torch.compile(self._losses, **kwargs)  # an instance attribute: not in the state dict
+            return
+        if scope != "modules":
+            raise ValueError(f"compile scope must be 'forward' or 'modules', not {scope!r}")
         self._image_path_compiled = True
         for module in (self.vision.model, self.compressor, self.compressor_m, self.text.transformer, self.text_m,
                        self.fusion):
@@ -108,10 +119,6 @@ class VisionLanguageModel(nn.Module):
 
     @torch.no_grad()
     def momentum_update(self) -> None:
-        if self._momentum_params is None:  # listed once: this runs every step, and the parameters stay the same
-            pairs = self._momentum_pairs()
-            self._momentum_params = ([p for o, _ in pairs for p in o.parameters()],
-                                     [p for _, m in pairs for p in m.parameters()])
         online, momentum = self._momentum_params
         torch._foreach_lerp_(momentum, online, 1.0 - self.cfg.loss.momentum)
 
@@ -208,6 +215,11 @@ class VisionLanguageModel(nn.Module):
     def forward(self, pixel_values: torch.Tensor, input_ids: torch.Tensor, attention_mask: torch.Tensor,
                 image_ids: torch.Tensor) -> dict[str, torch.Tensor]:
         """All three losses and their weighted sum (``loss``); also updates the momentum copies and the queue."""
+        self.vision.update_adapter_path()  # host-side bookkeeping, kept out of compiled code
+        return self._losses(pixel_values, input_ids, attention_mask, image_ids)
+
+    def _losses(self, pixel_values: torch.Tensor, input_ids: torch.Tensor, attention_mask: torch.Tensor,
+                image_ids: torch.Tensor) -> dict[str, torch.Tensor]:
         w = self.cfg.loss
         image = self.encode_image(pixel_values)
         text = self.encode_text(input_ids, attention_mask)
@@ -225,13 +237,15 @@ class VisionLanguageModel(nn.Module):
             image_feat_m_global = D.gather_no_grad(image_feat_m, sizes)
             text_feat_m_global = D.gather_no_grad(text_feat_m, sizes)
             image_ids_global = D.gather_no_grad(image_ids, sizes)
-            q = self.queue.valid()
-            image_feat_all = torch.cat([image_feat_m_global, self.queue.image_feats[q].to(image_feat_m.dtype)])
-            text_feat_all = torch.cat([text_feat_m_global, self.queue.text_feats[q].to(text_feat_m.dtype)])
-            image_ids_all = torch.cat([image_ids_global, self.queue.image_ids[q]])
+            # Every queue slot is a candidate column, masked until written: the same shapes every step.
+            image_feat_all = torch.cat([image_feat_m_global, self.queue.image_feats.to(image_feat_m.dtype)])
+            text_feat_all = torch.cat([text_feat_m_global, self.queue.text_feats.to(text_feat_m.dtype)])
+            image_ids_all = torch.cat([image_ids_global, self.queue.image_ids])
+            candidate_mask = torch.cat([torch.ones_like(image_ids_global, dtype=torch.bool), self.queue.valid_mask()])
 
         loss_itc = itc_loss(image["image_feat"], text["text_feat"], image_feat_all, text_feat_all,
-                            image_ids, image_ids_all, temperature, w.distill_alpha, image_feat_m, text_feat_m)
+                            image_ids, image_ids_all, temperature, w.distill_alpha, image_feat_m, text_feat_m,
+                            candidate_mask)
 
         if w.itm_negatives == "queue":
             itm = self._itm_queue_negatives(image, text, attention_mask, image_ids, temperature)
@@ -283,7 +297,8 @@ class VisionLanguageModel(nn.Module):
             hard_negative_texts, has_text = sample_hard_negatives(weights_i2t, positive)
             hard_negative_images, has_image = sample_hard_negatives(weights_t2i, positive)
             # Rows without a negative keep a dummy index (0) and weigh 0 in the loss: no host sync, fixed shapes.
-            hard_negative_texts, hard_negative_images = hard_negative_texts.clamp(min=0), hard_negative_images.clamp(min=0)
+            hard_negative_texts, hard_negative_images = (hard_negative_texts.clamp(min=0),
+                                                         hard_negative_images.clamp(min=0))
 
         pair_images = torch.cat([image_tokens, image_tokens, image_tokens_global[hard_negative_images]])
         pair_texts = torch.cat([text_states, text_states_global[hard_negative_texts], text_states])
@@ -293,19 +308,18 @@ class VisionLanguageModel(nn.Module):
     def _itm_queue_negatives(self, image: dict, text: dict, mask: torch.Tensor, image_ids: torch.Tensor,
                              temperature: torch.Tensor) -> dict[str, torch.Tensor]:
         """As above, but the negatives come from the queue: its image tokens, and its texts re-encoded."""
-        q = self.queue.valid()
-        if q.stop == 0:  # the queue is still empty (first step): positives only
-            empty = torch.zeros(0, dtype=torch.bool, device=mask.device)
-            return self._itm_loss(image["image_tokens"], text["text_states"], mask, empty)
         with torch.no_grad():
-            positive = image_ids[:, None] == self.queue.image_ids[q][None, :]
-            text_feats = self.queue.text_feats[q].to(text["text_feat"].dtype)
-            image_feats = self.queue.image_feats[q].to(image["image_feat"].dtype)
-            weights_i2t = hard_negative_weights(image["image_feat"] @ text_feats.t() / temperature, positive)
-            weights_t2i = hard_negative_weights(text["text_feat"] @ image_feats.t() / temperature, positive)
-            hard_negative_texts, has_text = sample_hard_negatives(weights_i2t, positive)
-            hard_negative_images, has_image = sample_hard_negatives(weights_t2i, positive)
-            hard_negative_texts, hard_negative_images = hard_negative_texts.clamp(min=0), hard_negative_images.clamp(min=0)
+            # Queue slots not yet written are never negatives; before the first enqueue no row has one, and the
+            # negative pairs then weigh 0 (the same shapes from the first step on).
+            not_candidate = (image_ids[:, None] == self.queue.image_ids[None, :]) | ~self.queue.valid_mask()[None, :]
+            text_feats = self.queue.text_feats.to(text["text_feat"].dtype)
+            image_feats = self.queue.image_feats.to(image["image_feat"].dtype)
+            weights_i2t = hard_negative_weights(image["image_feat"] @ text_feats.t() / temperature, not_candidate)
+            weights_t2i = hard_negative_weights(text["text_feat"] @ image_feats.t() / temperature, not_candidate)
+            hard_negative_texts, has_text = sample_hard_negatives(weights_i2t, not_candidate)
+            hard_negative_images, has_image = sample_hard_negatives(weights_t2i, not_candidate)
+            hard_negative_texts, hard_negative_images = (hard_negative_texts.clamp(min=0),
+                                                         hard_negative_images.clamp(min=0))
             negative_ids = self.queue.text_ids[hard_negative_texts]
             negative_mask = self.queue.text_mask[hard_negative_texts]
             negative_image_tokens = self.queue.image_tokens[hard_negative_images].to(image["image_tokens"].dtype)

@@ -78,7 +78,7 @@ def _train(cfg: RunConfig, env: "DistributedEnv") -> VisionLanguageModel:
     seed_everything(tc.seed + env.rank)
     logger.info(model.vision.summary.format())
     if tc.compile:
-        model.compile(mode=tc.compile_mode)  # in place, per submodule: parameter names and checkpoints unchanged
+        model.compile(scope=tc.compile_scope, mode=tc.compile_mode)  # in place: names and checkpoints unchanged
 
     # Phase 1 setup. DDP registers only parameters that require grad when it wraps the model.
     ddp_model = wrap_model(model, env)

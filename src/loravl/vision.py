@@ -239,7 +239,8 @@ class VisionEncoder(nn.Module):
         return self
 
     def forward(self, pixel_values: torch.Tensor) -> torch.Tensor:
-        self.update_adapter_path()
+        if not torch.compiler.is_compiling():  # host-side bookkeeping; a compiled caller runs it before tracing
+            self.update_adapter_path()
         # Phase 1: nothing in the encoder trains, so no autograd graph is built through it at all.
         with torch.set_grad_enabled(self.lora_trainable and torch.is_grad_enabled()):
             return self.model(pixel_values=pixel_values).last_hidden_state
