@@ -2,6 +2,8 @@
 
     python3 bench/cuda_graphs_check.py --out cuda_graphs_check.json     # on a GPU, about 3 minutes of compiling
 
+``--scope forward``: the CUDA-graph variants compile the whole training forward (train.compile_scope: forward).
+
 Runs ``loravl.train.train_step`` (two micro-batches of different caption lengths per step, bf16) for a few steps in
 phase 1 and phase 2 on identically initialised models and records every gradient just before the optimizer step:
   default          torch.compile, no CUDA graphs: the reference
@@ -49,13 +51,15 @@ def run_variant(name: str, args, cfg: ModelConfig, tokenizer, device) -> tuple[l
     """Every gradient before each optimizer step, and the norm of the LoRA gradients at each step (0 in phase 1;
     in phase 2 it must not be: the encoder's LoRA path, off in phase 1, must be back on in the compiled graphs)."""
     mode = "default" if name == "default" else "reduce-overhead"
+    scope = "modules" if name == "default" else args.scope  # the reference is always the per-submodule compile
     # unsafe: graphs compiled in, but the step is told nothing of them (compile: false), as before allocate_grads
-    tc = TrainConfig(compile=name != "unsafe", compile_mode=mode, lr=1e-4, lora_lr=1e-4, max_grad_norm=1.0)
+    tc = TrainConfig(compile=name != "unsafe", compile_mode=mode, compile_scope=scope, lr=1e-4, lora_lr=1e-4,
+                     max_grad_norm=1.0)
     env = DistributedEnv(rank=0, local_rank=0, world_size=1, device=device)
     precision = choose_precision("auto", device)
     torch.manual_seed(0)
     model = VisionLanguageModel(cfg, tokenizer).to(device).train()
-    model.compile(mode=mode)
+    model.compile(scope=scope, mode=mode)
     grads: list[list[torch.Tensor]] = []
     lora_norms: list[float] = []
     lora = [p for _, p in model.lora_parameters()]
@@ -91,6 +95,8 @@ def main() -> None:
     p.add_argument("--batch_size", type=int, default=32, help="per micro-batch")
     p.add_argument("--tolerance", type=float, default=0.02)
     p.add_argument("--tiny", action="store_true", help="a tiny model (CPU smoke test of the script)")
+    p.add_argument("--scope", default="modules", choices=["modules", "forward"],
+                   help="train.compile_scope of the CUDA-graph variants (the reference compiles per submodule)")
     p.add_argument("--out", default="cuda_graphs_check.json")
     args = p.parse_args()
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
@@ -110,6 +116,7 @@ def main() -> None:
         tokenizer = random_word_tokenizer(cfg.text.vocab_size, cfg.text.max_length)
         results = {"device": torch.cuda.get_device_name() if device.type == "cuda" else "cpu",
                    "torch": torch.__version__, "steps_per_phase": args.steps, "batch_size": args.batch_size,
+                   "scope": args.scope,
                    "variants": {}}
         reference, reference_lora = run_variant("default", args, cfg, tokenizer, device)
         results["variants"]["default"] = {"lora_grad_norm_per_step": reference_lora}

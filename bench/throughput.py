@@ -102,12 +102,13 @@ def model_config(args, dinov2_dir: str, attn: str) -> ModelConfig:
 
 def build_model(args, cfg: ModelConfig, tokenizer, device, compile_encoder: bool,
                 compile_model: bool = False, model_mode: str = "default",
-                encoder_mode: str = "default") -> VisionLanguageModel:
-    """``*_mode``: torch.compile's mode for the model's heavy submodules and for the encoder."""
+                encoder_mode: str = "default", model_scope: str = "modules") -> VisionLanguageModel:
+    """``*_mode``: torch.compile's mode for the model (``model_scope``: its heavy submodules, or the whole training
+    forward) and for the encoder alone."""
     torch.manual_seed(0)
     model = VisionLanguageModel(cfg, tokenizer).to(device).train()
     if compile_model:
-        model.compile(mode=model_mode)
+        model.compile(scope=model_scope, mode=model_mode)
     if compile_encoder:
         model.vision.model.compile(mode=encoder_mode)  # in place: parameter names (and checkpoints) unchanged
     return model
@@ -158,10 +159,15 @@ def reset_peak(device):
         torch.cuda.reset_peak_memory_stats()
 
 
-def profile_step(model, optimizer, batch, dtype, path: Path, graphs: bool) -> None:
+def profile_step(model, optimizer, batch, dtype, path: Path, graphs: bool, label_parts: bool = True) -> None:
     """Where one step's time goes: the top operators by device time and by host time, and the forward's device
-    time by part of the model (labelled ranges ``fwd: ...``, outside the compiled regions)."""
+    time by part of the model (labelled ranges ``fwd: ...``, outside the compiled regions). ``label_parts``:
+    False for a whole compiled forward (its parts are inside one graph; relabelling would retrace it)."""
     import loravl.model as model_module
+
+    if not label_parts:
+        profile_calls(lambda: train_step(model, optimizer, batch, dtype, graphs), path)
+        return
 
     def labelled(fn, label):
         def call(*args, **kwargs):
@@ -313,26 +319,31 @@ def bench_steps(timer, device, args, tokenizer, dinov2_dir, matmul_tflops) -> li
     rows = []
     compile_ok = not args.no_compile
     fast = "bf16" if bf16 is not None else "fp32"  # no bf16 autocast on the CPU
-    # name: (label, attention, autocast dtype, compile encoder, compile model, model mode, encoder mode)
+    # name: (label, attention, autocast dtype, compile encoder, compile model, model mode, encoder mode, model scope)
     ro = "reduce-overhead"  # CUDA graphs: one launch per compiled graph instead of one per kernel
-    known = {"compiled": (f"{fast} compiled model", "sdpa", bf16, True, True, "default", "default"),
+    known = {"compiled": (f"{fast} compiled model", "sdpa", bf16, True, True, "default", "default", "modules"),
              "compiled_ro_encoder": (f"{fast} compiled model, CUDA-graph encoder", "sdpa", bf16, True, True,
-                                     "default", ro),
-             "compiled_ro": (f"{fast} compiled model, CUDA graphs", "sdpa", bf16, True, True, ro, ro),
-             "compiled_encoder": (f"{fast} compiled encoder", "sdpa", bf16, True, False, "default", "default"),
-             "sdpa": (f"{fast} sdpa, no compile", "sdpa", bf16, False, False, "default", "default"),
-             "naive": ("naive fp32 eager", "eager", None, False, False, "default", "default")}
+                                     "default", ro, "modules"),
+             "compiled_ro": (f"{fast} compiled model, CUDA graphs", "sdpa", bf16, True, True, ro, ro, "modules"),
+             # The whole training forward as one graph (compile scope forward); the encoder is inside it.
+             "forward": (f"{fast} compiled forward", "sdpa", bf16, False, True, "default", "default", "forward"),
+             "forward_ro": (f"{fast} compiled forward, CUDA graphs", "sdpa", bf16, False, True, ro, ro, "forward"),
+             "compiled_encoder": (f"{fast} compiled encoder", "sdpa", bf16, True, False, "default", "default",
+                                  "modules"),
+             "sdpa": (f"{fast} sdpa, no compile", "sdpa", bf16, False, False, "default", "default", "modules"),
+             "naive": ("naive fp32 eager", "eager", None, False, False, "default", "default", "modules")}
     names = args.step_variants.split(",") if compile_ok else ["sdpa", "naive"]  # --no_compile: nothing compiled
     unknown = [n for n in names if n not in known]
     if unknown:
         raise SystemExit(f"--step_variants: unknown {unknown}; known: {', '.join(known)}")
-    variants = [known[n] for n in names]
-    for label, attn, dtype, compile_encoder, compile_model, model_mode, encoder_mode in variants:
+    profiled = args.profile_variants.split(",") if args.profile_variants else names[:1]
+    for name in names:
+        label, attn, dtype, compile_encoder, compile_model, model_mode, encoder_mode, scope = known[name]
         before = len(rows)
         try:  # rows are appended phase by phase, so a failing phase keeps the figures before it
             bench_step_variant(timer, device, args, tokenizer, dinov2_dir, matmul_tflops, step_flops, rows, label,
-                               attn, dtype, compile_encoder, compile_model, model_mode, encoder_mode,
-                               profile=label == variants[0][0])
+                               attn, dtype, compile_encoder, compile_model, model_mode, encoder_mode, scope,
+                               profile=name in profiled)
         except Exception as e:  # one failing variant must not lose the others' figures
             rows.append({"name": f"step {label} FAILED", "error": f"{type(e).__name__}: {str(e)[:400]}"})
         for row in rows[before:]:
@@ -342,10 +353,10 @@ def bench_steps(timer, device, args, tokenizer, dinov2_dir, matmul_tflops) -> li
 
 
 def bench_step_variant(timer, device, args, tokenizer, dinov2_dir, matmul_tflops, step_flops, rows, label, attn,
-                       dtype, compile_encoder, compile_model, model_mode, encoder_mode, profile) -> None:
+                       dtype, compile_encoder, compile_model, model_mode, encoder_mode, scope, profile) -> None:
     model = build_model(args, model_config(args, dinov2_dir, attn), tokenizer, device,
                         compile_encoder=compile_encoder, compile_model=compile_model, model_mode=model_mode,
-                        encoder_mode=encoder_mode)
+                        encoder_mode=encoder_mode, model_scope=scope)
     batches = [synthetic_batch(args, tokenizer, device, seed=s) for s in range(4)]
     for phase in args.phases:
         model.set_lora_trainable(phase == 2)
@@ -359,8 +370,10 @@ def bench_step_variant(timer, device, args, tokenizer, dinov2_dir, matmul_tflops
                      "peak_gib": peak_memory_gib(device), "step_tflop": step_flops[phase] / 1e12,
                      "mfu": step_flops[phase] / t["median_s"] / (matmul_tflops * 1e12), **t})
         if args.profile_dir and profile:
-            profile_step(model, optimizer, batches[0], dtype, Path(args.profile_dir) / f"profile_phase{phase}.txt",
-                         graphs)
+            name = "" if scope == "modules" else "_forward"
+            profile_step(model, optimizer, batches[0], dtype,
+                         Path(args.profile_dir) / f"profile_phase{phase}{name}.txt", graphs,
+                         label_parts=not (compile_model and scope == "forward"))
 
 
 def write_jpegs(folder: Path, n: int, size=(640, 480)) -> None:
@@ -494,8 +507,10 @@ def main() -> None:
     p.add_argument("--encoder_modes", default="none,default,reduce-overhead",
                    help="encoder ceilings: none (no compile) and torch.compile modes")
     p.add_argument("--step_variants", default="compiled,compiled_encoder,naive",
-                   help="full-step variants, in order: compiled, compiled_ro_encoder, compiled_ro, "
-                        "compiled_encoder, sdpa, naive")
+                   help="full-step variants, in order: compiled, compiled_ro_encoder, compiled_ro, forward, "
+                        "forward_ro, compiled_encoder, sdpa, naive")
+    p.add_argument("--profile_variants", default="",
+                   help="step variants to profile with --profile_dir (default: the first)")
     p.add_argument("--workers", type=int, default=max(1, (os.cpu_count() or 2) - 2))
     p.add_argument("--num_jpegs", type=int, default=8000)
     p.add_argument("--loader_batches", type=int, default=40)
