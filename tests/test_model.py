@@ -157,11 +157,14 @@ def test_generate_with_static_cache_matches_dynamic(tiny_model_config, tiny_toke
 @pytest.mark.parametrize("itm_negatives", ["batch", "queue"])
 def test_whole_forward_compiles_once_per_phase_and_matches_eager(tiny_model_config, tiny_tokenizer, itm_negatives):
     """compile(scope="forward"): one graph for the whole training forward while the queue fills (the queue is
-    masked, not sliced), one more when LoRA starts training; losses, gradients, queue and momentum copies as
-    eager. aot_eager traces forward and backward as inductor would, without its CPU compile time."""
+    masked, not sliced) and the caption width changes, one more when LoRA starts training; losses, gradients, queue
+    and momentum copies as eager. aot_eager traces forward and backward as inductor would, without its CPU
+    compile time."""
+    import torch.nn.functional as F
     from torch._dynamo.testing import CompileCounterWithBackend
 
-    cfg = dataclasses.replace(tiny_model_config, text=dataclasses.replace(tiny_model_config.text, dropout=0.0),
+    text = dataclasses.replace(tiny_model_config.text, dropout=0.0, max_length=16)  # room for wider batches
+    cfg = dataclasses.replace(tiny_model_config, text=text,
                               compressor=dataclasses.replace(tiny_model_config.compressor, dropout=0.0))
     eager = _model(cfg, tiny_tokenizer, itm_negatives=itm_negatives, momentum=0.5).train()
     compiled = _model(cfg, tiny_tokenizer, itm_negatives=itm_negatives, momentum=0.5).train()
@@ -176,7 +179,11 @@ def test_whole_forward_compiles_once_per_phase_and_matches_eager(tiny_model_conf
         for model in (eager, compiled):
             model.zero_grad(set_to_none=True)
             torch.manual_seed(step)  # the same hard-negative draws
-            out = model(**tiny_batch(tiny_tokenizer, 4, image_ids=[4 * step + i for i in range(4)], seed=step))
+            batch = tiny_batch(tiny_tokenizer, 4, image_ids=[4 * step + i for i in range(4)], seed=step)
+            pad = step  # widths 12, 13, 14, 15: batches are padded to their longest caption
+            batch["input_ids"] = F.pad(batch["input_ids"], (0, pad), value=tiny_tokenizer.pad_id)
+            batch["attention_mask"] = F.pad(batch["attention_mask"], (0, pad))
+            out = model(**batch)
             out["loss"].backward()
             grads.append({n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None})
             with torch.no_grad():  # a stand-in optimizer step, so that the momentum copies drift from the online

@@ -64,6 +64,7 @@ class VisionLanguageModel(nn.Module):
         self._momentum_params = ([p for o, _ in pairs for p in o.parameters()],
                                  [p for _, m in pairs for p in m.parameters()])
         self._image_path_compiled = False  # the encoder and compressor, by compile() or generate(compile=True)
+        self._forward_compiled = False  # compile(scope="forward")
 
         keep_fusion_inputs = cfg.loss.itm_negatives == "queue"
         self.queue = FeatureQueue(
@@ -109,6 +110,7 @@ class VisionLanguageModel(nn.Module):
         torch._dynamo.config.recompile_limit = max(torch._dynamo.config.recompile_limit, 64)
         if scope == "forward":
             self._losses = torch.compile(self._losses, **kwargs)  # an instance attribute: not in the state dict
+            self._forward_compiled = True
             return
         if scope != "modules":
             raise ValueError(f"compile scope must be 'forward' or 'modules', not {scope!r}")
@@ -216,6 +218,11 @@ class VisionLanguageModel(nn.Module):
                 image_ids: torch.Tensor) -> dict[str, torch.Tensor]:
         """All three losses and their weighted sum (``loss``); also updates the momentum copies and the queue."""
         self.vision.update_adapter_path()  # host-side bookkeeping, kept out of compiled code
+        if self._forward_compiled:
+            # Batches are padded to their longest caption: a caption width marked dynamic from the first batch
+            # compiles the graph once, not once static and again at the second width (minutes on a GPU).
+            torch._dynamo.maybe_mark_dynamic(input_ids, 1)
+            torch._dynamo.maybe_mark_dynamic(attention_mask, 1)
         return self._losses(pixel_values, input_ids, attention_mask, image_ids)
 
     def _losses(self, pixel_values: torch.Tensor, input_ids: torch.Tensor, attention_mask: torch.Tensor,
