@@ -5,6 +5,7 @@
 # scope forward compiles the whole training forward, with graph breaks at the cross-rank gathers. Prints each
 # step's loss and gradient norm from every run; they should agree. About 2 minutes per variant on 2 cores.
 #     bash bench/ddp_compile_modes_cpu.sh [out_dir] [variant ...]      (in the activated venv)
+#     EXTRA_ARGS="--model.text.dropout 0" bash bench/ddp_compile_modes_cpu.sh ...   (more trainer overrides)
 #     default variants: modules:default modules:reduce-overhead forward:default
 set -u
 OUT=${1:-/tmp/ddp_compile_modes}
@@ -26,7 +27,7 @@ for variant in "${VARIANTS[@]}"; do
   rm -rf "${dir:?}"
   python -m torch.distributed.run --standalone --nproc_per_node=2 src/train_stage1_vision_language.py "${TINY[@]}" \
       --train.compile_scope "$scope" --train.compile_mode "$mode" --train.log_dir "$dir/logs" \
-      --train.checkpoint_dir "$dir/ckpt" > "$dir.out" 2>&1 || { echo "$variant failed: $dir.out"; exit 1; }
+      --train.checkpoint_dir "$dir/ckpt" ${EXTRA_ARGS:-} > "$dir.out" 2>&1 || { echo "$variant failed: $dir.out"; exit 1; }
 done
 python - "$OUT" "${VARIANTS[@]}" <<'PY'
 import json, sys

@@ -1,8 +1,9 @@
 """Run by tests/test_distributed.py under `torchrun --nproc_per_node=2` (gloo, CPU).
 
-Each rank trains the tiny model a few steps on its own data, with unequal batch sizes, then writes its ITC queue
-and a gradient check of ``gather_with_grad`` to OUT/rank{r}.pt.
+Each rank trains the tiny model a few steps on its own data, with unequal batch sizes, then writes its ITC queue,
+a gradient check of ``gather_with_grad`` and a check of the compiled forward (scope forward) to OUT/rank{r}.pt.
 """
+import dataclasses
 import sys
 from pathlib import Path
 
@@ -62,7 +63,28 @@ def main(out: Path) -> None:
     (gathered * weights).sum().backward()
     offset = D.rank_offset(D.gather_batch_sizes(batch_size, x.device))
 
+    # The compiled forward across ranks: the gathers are traced into its one graph (no graph break), and its loss
+    # and gradients equal eager's on the same data. Dropout off: compiled code draws its own random numbers.
+    from torch._dynamo.testing import CompileCounterWithBackend
+
+    no_dropout = dataclasses.replace(cfg, text=dataclasses.replace(cfg.text, dropout=0.0),
+                                     compressor=dataclasses.replace(cfg.compressor, dropout=0.0))
+    counter = CompileCounterWithBackend("aot_eager")
+    forward_check = []
+    for compiled in (False, True):
+        torch.manual_seed(0)
+        m = VisionLanguageModel(no_dropout, tokenizer).train()
+        if compiled:
+            m.compile(scope="forward", backend=counter)
+        torch.manual_seed(200 + rank)  # the same hard-negative draws in both runs
+        out_ = m(**tiny_batch(tokenizer, batch_size, image_ids=torch.arange(batch_size) + 100 * rank, seed=rank))
+        out_["loss"].backward()
+        forward_check.append({"loss": out_["loss"].detach(), "grads": {n: p.grad.clone() for n, p in
+                                                                       m.named_parameters() if p.grad is not None}})
+
     torch.save({
+        "forward_frames": counter.frame_count, "forward_eager": forward_check[0],
+        "forward_compiled": forward_check[1],
         "queue_image": model.queue.image_feats.clone(), "queue_text": model.queue.text_feats.clone(),
         "queue_ids": model.queue.image_ids.clone(), "filled": int(model.queue.filled),
         "trainable": {n: p.detach().clone() for n, p in model.named_parameters() if p.requires_grad},

@@ -8,7 +8,7 @@ import torch
 HERE = Path(__file__).resolve().parent
 
 
-def test_two_ranks_share_identical_queues_and_weights(tmp_path):
+def test_two_ranks_share_identical_queues_and_weights_and_compile_one_graph(tmp_path):
     env = {**os.environ, "OMP_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1"}
     cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2", "--standalone",
            str(HERE / "dist_model_script.py"), str(tmp_path)]
@@ -30,3 +30,10 @@ def test_two_ranks_share_identical_queues_and_weights(tmp_path):
     for r in (r0, r1):
         assert r["gathered_rows"] == 7
         assert torch.equal(r["x_grad"], r["expected_grad"])
+        # The compiled forward (scope forward) stays one graph across ranks and matches eager.
+        assert r["forward_frames"] == 1
+        eager, compiled = r["forward_eager"], r["forward_compiled"]
+        torch.testing.assert_close(compiled["loss"], eager["loss"], atol=1e-5, rtol=1e-5)
+        assert compiled["grads"].keys() == eager["grads"].keys()
+        for name, grad in eager["grads"].items():
+            torch.testing.assert_close(compiled["grads"][name], grad, atol=1e-5, rtol=1e-4, msg=name)

@@ -7,7 +7,7 @@ from __future__ import annotations
 
 import torch
 import torch.distributed as dist
-import torch.distributed.nn.functional as dist_fn
+import torch.distributed._functional_collectives as funcol
 
 
 def is_distributed() -> bool:
@@ -54,25 +54,34 @@ def gather_batch_sizes(n: int, device: torch.device) -> list[int]:
     return _batch_sizes(n, device) if is_distributed() else [n]
 
 
+def _gather_padded(t: torch.Tensor, sizes: list[int]) -> torch.Tensor:
+    """Every rank's rows of ``t``, in rank order: gathered padded to the largest batch, the padding stripped.
+
+    Functional collectives: ``torch.compile`` traces them into its graph (``torch.distributed.nn``'s gather breaks
+    the graph), and their backward sends each rank the gradient of its own rows, summed over the ranks' losses.
+    """
+    n = max(sizes)
+    gathered = funcol.all_gather_tensor_autograd(_pad_to(t.contiguous(), n), gather_dim=0, group=dist.group.WORLD)
+    if isinstance(gathered, funcol.AsyncCollectiveTensor):  # eager: wait here rather than at the first use
+        gathered = gathered.wait()
+    if all(s == n for s in sizes):
+        return gathered
+    return torch.cat([gathered[i * n: i * n + s] for i, s in enumerate(sizes)], dim=0)
+
+
 @torch.no_grad()
 def gather_no_grad(t: torch.Tensor, sizes: list[int] | None = None) -> torch.Tensor:
     """Concatenate ``t`` from all ranks along dim 0 (rank order), without autograd."""
     if not is_distributed():
         return t
-    sizes = sizes or _batch_sizes(t.shape[0], t.device)
-    padded = _pad_to(t.contiguous(), max(sizes))
-    parts = [torch.empty_like(padded) for _ in sizes]
-    dist.all_gather(parts, padded)
-    return torch.cat([p[:s] for p, s in zip(parts, sizes)], dim=0)
+    return _gather_padded(t, sizes or _batch_sizes(t.shape[0], t.device))
 
 
 def gather_with_grad(t: torch.Tensor, sizes: list[int] | None = None) -> torch.Tensor:
     """As ``gather_no_grad``, but gradients flow back to the rank that produced each row."""
     if not is_distributed():
         return t
-    sizes = sizes or _batch_sizes(t.shape[0], t.device)
-    parts = dist_fn.all_gather(_pad_to(t.contiguous(), max(sizes)))
-    return torch.cat([p[:s] for p, s in zip(parts, sizes)], dim=0)
+    return _gather_padded(t, sizes or _batch_sizes(t.shape[0], t.device))
 
 
 def rank_offset(sizes: list[int]) -> int:

@@ -223,15 +223,16 @@ class VisionLanguageModel(nn.Module):
             # compiles the graph once, not once static and again at the second width (minutes on a GPU).
             torch._dynamo.maybe_mark_dynamic(input_ids, 1)
             torch._dynamo.maybe_mark_dynamic(attention_mask, 1)
-        return self._losses(pixel_values, input_ids, attention_mask, image_ids)
+        # Every rank's batch size, exchanged on the host before any compiled code (it would break the graph).
+        sizes = D.gather_batch_sizes(pixel_values.shape[0], pixel_values.device)
+        return self._losses(pixel_values, input_ids, attention_mask, image_ids, sizes)
 
     def _losses(self, pixel_values: torch.Tensor, input_ids: torch.Tensor, attention_mask: torch.Tensor,
-                image_ids: torch.Tensor) -> dict[str, torch.Tensor]:
+                image_ids: torch.Tensor, sizes: list[int]) -> dict[str, torch.Tensor]:
         w = self.cfg.loss
         image = self.encode_image(pixel_values)
         text = self.encode_text(input_ids, attention_mask)
         temperature = self.clamped_temperature()
-        sizes = D.gather_batch_sizes(pixel_values.shape[0], pixel_values.device)
 
         with torch.no_grad():
             if self.training:
