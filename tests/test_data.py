@@ -24,7 +24,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "src"))
 
 from loravl.config import ConfigError, DataConfig  # noqa: E402
 from loravl.data import (COLOURS, RELATIONS, SHAPES, DataFormatError, TooManySkippedError,  # noqa: E402
-                         build_dataloader, build_dataset, ensure_demo_data, load_rgb_image)
+                         build_dataloader, build_dataset, build_transform, ensure_demo_data,
+                         load_rgb_image)
 from loravl.data.skips import Skip  # noqa: E402
 
 IMAGE_SIZE = 32
@@ -114,7 +115,7 @@ def epoch_samples(cfg: DataConfig, split: str = "val", num_workers: int = 0) -> 
     out = []
     for batch in loader:
         assert batch["pixel_values"].shape[1:] == (3, IMAGE_SIZE, IMAGE_SIZE)
-        assert batch["pixel_values"].dtype == torch.float32 and batch["image_ids"].dtype == torch.long
+        assert batch["pixel_values"].dtype == torch.uint8 and batch["image_ids"].dtype == torch.long
         assert not batch["skipped"]
         out += [(c, p.numpy().tobytes()) for c, p in zip(batch["captions"], batch["pixel_values"])]
     return out
@@ -256,6 +257,27 @@ def test_image_modes_end_as_rgb_with_the_right_content():
     big = load_rgb_image(_save(Image.new("RGB", (1600, 1200)), "JPEG"), max_pixels=10**7, min_size=2,
                          target_size=224)
     assert big.size == (400, 300)
+
+
+def test_transforms_give_uint8_rgb_matching_pillow_within_one_level():
+    # Channels differ (R across, G down, B constant), so a transposed or channel-swapped tensor would fail.
+    x, y = np.meshgrid(np.linspace(0, 255, 90), np.linspace(0, 255, 60))
+    array = np.stack([x, y, np.full_like(x, 40)], axis=-1).astype(np.uint8)
+    image = Image.fromarray(array)
+    # eval: the short side to 32, centre crop, as Pillow's antialiased bilinear resize does it
+    expected = np.asarray(image.resize((48, 32), Image.BILINEAR).crop((8, 0, 40, 32)), dtype=int)
+    out = build_transform(32, train=False)(image)
+    assert out.dtype == torch.uint8 and out.shape == (3, 32, 32) and out.is_contiguous()
+    assert np.abs(out.permute(1, 2, 0).numpy().astype(int) - expected).max() <= 1
+    # train: the same seed gives the same crop; the crop keeps the image's layout
+    train = build_transform(32, train=True, crop_scale=(0.9, 1.0))
+    torch.manual_seed(3)
+    first = train(image)
+    torch.manual_seed(3)
+    assert torch.equal(first, train(image)) and first.dtype == torch.uint8
+    red, green = first[0].float(), first[1].float()
+    assert red[:, -1].mean() > red[:, 0].mean() + 100 and green[-1].mean() > green[0].mean() + 100
+    assert (first[2] == 40).all()
 
 
 def test_broken_samples_are_skipped_and_counted_over_a_full_epoch(tmp_path):

@@ -22,6 +22,21 @@ def test_lora_at_init_leaves_encoder_output_unchanged(tiny_dinov2_path):
     torch.testing.assert_close(got, expected, rtol=0, atol=0)
 
 
+def test_uint8_images_are_normalised_as_the_float_path_expects(tiny_dinov2_path):
+    # The loader gives uint8 RGB; the encoder normalises it with ImageNet mean/std. A float input is taken as
+    # normalised already. Both must give the encoder the same numbers.
+    g = torch.Generator().manual_seed(0)
+    pixels = torch.randint(0, 256, (2, 3, 28, 28), dtype=torch.uint8, generator=g)
+    mean = torch.tensor([0.485, 0.456, 0.406]).view(1, 3, 1, 1)
+    std = torch.tensor([0.229, 0.224, 0.225]).view(1, 3, 1, 1)
+    normalised = (pixels.double() / 255 - mean.double()) / std.double()
+    encoder = VisionEncoder(VisionConfig(pretrained=tiny_dinov2_path, image_size=28)).eval()
+    with torch.no_grad():
+        torch.testing.assert_close(encoder(pixels), encoder(normalised.float()), rtol=1e-5, atol=1e-5)
+        assert not torch.allclose(encoder(pixels), encoder(pixels.float()), atol=1e-2)  # 0-255 is not normalised
+    assert not any("pixel_" in k for k in encoder.state_dict())  # constants, not checkpoint content
+
+
 def test_step_on_lora_moves_lora_only(tiny_dinov2_path):
     encoder = VisionEncoder(VisionConfig(pretrained=tiny_dinov2_path, image_size=28))
     encoder.set_lora_trainable(True)

@@ -17,6 +17,7 @@ from torch import nn
 from transformers import AutoConfig, AutoModel
 
 from .config import ConfigError, LoraConfig, VisionConfig
+from .data.images import IMAGENET_MEAN, IMAGENET_STD
 
 logger = logging.getLogger(__name__)
 
@@ -161,11 +162,24 @@ def set_sincos_position_embeddings(embeddings: nn.Module) -> None:
     table[0, 1:] = (sincos * scale / sincos.std()).to(table.dtype)
 
 
+def normalize_pixels(pixel_values: torch.Tensor, scale: torch.Tensor, offset: torch.Tensor) -> torch.Tensor:
+    """uint8 RGB [B, 3, H, W] -> float32 ``(x / 255 - mean) / std``, as one multiply-subtract on the device."""
+    return pixel_values.float() * scale - offset
+
+
 class VisionEncoder(nn.Module):
-    """Frozen backbone + LoRA. ``forward(pixel_values)`` returns ``[B, prefix + patches, hidden]`` tokens."""
+    """Frozen backbone + LoRA. ``forward(pixel_values)`` returns ``[B, prefix + patches, hidden]`` tokens.
+
+    ``pixel_values``: uint8 RGB 0-255 (what the data loader gives), normalised here with the backbone's ImageNet
+    mean and std, or float already normalised so.
+    """
 
     def __init__(self, cfg: VisionConfig):
         super().__init__()
+        # Not saved: constants of the backbone, moved with the module to its device (no per-call host copy).
+        std = torch.tensor(IMAGENET_STD).view(1, 3, 1, 1)
+        self.register_buffer("pixel_scale", 1.0 / (255.0 * std), persistent=False)
+        self.register_buffer("pixel_offset", torch.tensor(IMAGENET_MEAN).view(1, 3, 1, 1) / std, persistent=False)
         self.lora_variant = cfg.lora.variant
         if cfg.backbone == "dinov2":
             backbone = load_dinov2(cfg)
@@ -241,6 +255,8 @@ class VisionEncoder(nn.Module):
     def forward(self, pixel_values: torch.Tensor) -> torch.Tensor:
         if not torch.compiler.is_compiling():  # host-side bookkeeping; a compiled caller runs it before tracing
             self.update_adapter_path()
+        if pixel_values.dtype == torch.uint8:
+            pixel_values = normalize_pixels(pixel_values, self.pixel_scale, self.pixel_offset)
         # Phase 1: nothing in the encoder trains, so no autograd graph is built through it at all.
         with torch.set_grad_enabled(self.lora_trainable and torch.is_grad_enabled()):
             return self.model(pixel_values=pixel_values).last_hidden_state

@@ -13,7 +13,7 @@ Tokenize = Callable[[list[str]], Mapping[str, Any]]
 
 
 class CaptionCollator:
-    """Builds ``{"pixel_values" [B,3,H,W], "captions", "image_ids" [B], "skipped": Counter}`` plus, for eval,
+    """Builds ``{"pixel_values" [B,3,H,W] uint8, "captions", "image_ids" [B], "skipped": Counter}`` plus, for eval,
     ``all_captions`` and, with ``tokenize``, what it returns (``input_ids``, ``attention_mask``).
 
     Runs in the worker processes, so tokenization is parallel too. A batch whose samples were all skipped has B=0
@@ -32,7 +32,7 @@ class CaptionCollator:
             # numpy's single-threaded copy: torch.stack's intra-op threads were 10x slower in a busy main process.
             pixel_values = torch.from_numpy(np.stack([s["pixel_values"].numpy() for s in kept]))
         else:
-            pixel_values = torch.empty(0, 3, self.image_size, self.image_size)
+            pixel_values = torch.empty(0, 3, self.image_size, self.image_size, dtype=torch.uint8)
         batch: dict[str, Any] = {
             "pixel_values": pixel_values,
             "captions": [s["caption"] for s in kept],
