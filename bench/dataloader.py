@@ -1,15 +1,20 @@
-"""Data loader throughput: JPEG files -> batches of normalised image_size tensors, end to end.
+"""Data loader throughput: JPEG files -> batches of image_size uint8 tensors, end to end.
 
 Generates (once) a folder of photo-sized JPEGs with a JSONL manifest, or takes any jsonl manifest, then runs one
 training epoch through loravl.data for each worker count and reports images/s in total and per worker.
+``--transforms tensor,pillow`` also runs the loader's previous transform (Pillow crop and resize, float32
+normalised on the CPU) in the same run, for comparison.
 
     python bench/dataloader.py --workers 0,1,2 --images 2000
+    python bench/dataloader.py --workers 14 --transforms tensor,pillow --images 6000
     python bench/dataloader.py --manifest /data/cc3m/train.jsonl --workers 4,8,16 --max-batches 300
 """
 from __future__ import annotations
 
 import argparse
+import gc
 import json
+import multiprocessing
 import os
 import platform
 import sys
@@ -23,7 +28,23 @@ from PIL import Image
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "src"))
 
 from loravl.config import DataConfig  # noqa: E402
-from loravl.data import build_dataloader, build_dataset  # noqa: E402
+from loravl.data import IMAGENET_MEAN, IMAGENET_STD, build_dataloader, build_dataset  # noqa: E402
+
+
+class PillowFloatTransform:
+    """The training transform before 2026-12-01, the baseline: Pillow's crop and resize, then float32 normalised in
+    numpy, so batches are 4 bytes a channel value to collate, pin and copy."""
+
+    def __init__(self, image_size: int, crop_scale: tuple[float, float]):
+        from torchvision.transforms import v2
+
+        self.crop = v2.RandomResizedCrop(image_size, scale=crop_scale, antialias=True)
+        std = np.asarray(IMAGENET_STD, dtype=np.float32)
+        self.scale, self.offset = 1.0 / (255.0 * std), np.asarray(IMAGENET_MEAN, dtype=np.float32) / std
+
+    def __call__(self, image: Image.Image) -> torch.Tensor:
+        array = np.asarray(self.crop(image), dtype=np.float32) * self.scale - self.offset
+        return torch.from_numpy(np.ascontiguousarray(array.transpose(2, 0, 1)))
 
 
 def make_jpeg_folder(folder: Path, count: int, width: int, height: int, seed: int = 0) -> Path:
@@ -46,9 +67,14 @@ def make_jpeg_folder(folder: Path, count: int, width: int, height: int, seed: in
 
 
 def run_one(manifest: Path, workers: int, batch_size: int, image_size: int, prefetch: int,
-            max_batches: int) -> dict:
+            max_batches: int, transform: str = "tensor") -> dict:
     cfg = DataConfig(format="jsonl", train_path=str(manifest), num_workers=workers, prefetch_factor=prefetch)
-    loader = build_dataloader(build_dataset(cfg, "train", image_size), cfg, batch_size, train=True, seed=0)
+    dataset = build_dataset(cfg, "train", image_size)
+    if transform == "pillow":
+        dataset.builder.transform = PillowFloatTransform(image_size, (cfg.crop_scale_min, 1.0))
+    elif transform != "tensor":
+        raise SystemExit(f"--transforms: unknown {transform!r} (tensor, pillow)")
+    loader = build_dataloader(dataset, cfg, batch_size, train=True, seed=0)
     loader.set_epoch(0)
     start = time.perf_counter()
     first_batch_s = None
@@ -64,15 +90,20 @@ def run_one(manifest: Path, workers: int, batch_size: int, image_size: int, pref
         if max_batches and batches >= max_batches:
             break
     total_s = time.perf_counter() - start
+    # Persistent workers would go on filling the prefetch queue (prefetch x workers batches) while the next
+    # configuration is timed: stop them now.
+    dtype, skipped = str(batch["pixel_values"].dtype), loader.skips.skipped
+    del loader, batch
+    gc.collect()
     steady_s = total_s - (first_batch_s or 0.0)
     steady = steady_images / steady_s if steady_s > 0 else float("nan")
     return {
-        "workers": workers, "images": images, "batches": batches, "seconds": round(total_s, 3),
+        "transform": transform, "dtype": dtype, "workers": workers, "images": images, "batches": batches, "seconds": round(total_s, 3),
         "first_batch_seconds": round(first_batch_s or 0.0, 3),
         "images_per_s_end_to_end": round(images / total_s, 1),
         "images_per_s_steady": round(steady, 1),
         "images_per_s_per_worker": round(steady / max(workers, 1), 1),
-        "skipped": loader.skips.skipped,
+        "skipped": skipped, "workers_left": len(multiprocessing.active_children()),
     }
 
 
@@ -84,6 +115,8 @@ def main() -> None:
     parser.add_argument("--width", type=int, default=640)
     parser.add_argument("--height", type=int, default=480)
     parser.add_argument("--workers", default="0,1,2", help="comma-separated worker counts")
+    parser.add_argument("--transforms", default="tensor",
+                        help="tensor (the loader's), pillow (its previous transform, for comparison), or both")
     parser.add_argument("--batch-size", type=int, default=64)
     parser.add_argument("--image-size", type=int, default=224)
     parser.add_argument("--prefetch", type=int, default=4)
@@ -94,14 +127,16 @@ def main() -> None:
     manifest = Path(args.manifest) if args.manifest else make_jpeg_folder(Path(args.folder), args.images,
                                                                           args.width, args.height)
     results = []
-    print(f"{'workers':>7} {'images':>7} {'first batch s':>13} {'img/s e2e':>10} {'img/s steady':>12} "
-          f"{'img/s/worker':>12}")
-    for workers in [int(w) for w in args.workers.split(",")]:
-        r = run_one(manifest, workers, args.batch_size, args.image_size, args.prefetch, args.max_batches)
-        results.append(r)
-        print(f"{r['workers']:>7} {r['images']:>7} {r['first_batch_seconds']:>13} "
-              f"{r['images_per_s_end_to_end']:>10} {r['images_per_s_steady']:>12} {r['images_per_s_per_worker']:>12}",
-              flush=True)
+    print(f"{'transform':>9} {'workers':>7} {'images':>7} {'first batch s':>13} {'img/s e2e':>10} "
+          f"{'img/s steady':>12} {'img/s/worker':>12}")
+    for transform in args.transforms.split(","):
+        for workers in [int(w) for w in args.workers.split(",")]:
+            r = run_one(manifest, workers, args.batch_size, args.image_size, args.prefetch, args.max_batches,
+                        transform)
+            results.append(r)
+            print(f"{r['transform']:>9} {r['workers']:>7} {r['images']:>7} {r['first_batch_seconds']:>13} "
+                  f"{r['images_per_s_end_to_end']:>10} {r['images_per_s_steady']:>12} "
+                  f"{r['images_per_s_per_worker']:>12}", flush=True)
     report = {
         "manifest": str(manifest), "batch_size": args.batch_size, "image_size": args.image_size,
         "source_size": f"{args.width}x{args.height}" if not args.manifest else "as given",

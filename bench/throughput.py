@@ -118,7 +118,9 @@ def synthetic_batch(args, tokenizer, device, seed=0) -> dict:
     g = torch.Generator().manual_seed(seed)
     b = args.batch_size
     tokens = tokenizer(random_captions(b, seed))
-    batch = {"pixel_values": torch.randn(b, 3, args.image_size, args.image_size, generator=g),
+    # uint8 RGB, as the loader gives it (the encoder normalises on the device)
+    batch = {"pixel_values": torch.randint(0, 256, (b, 3, args.image_size, args.image_size), dtype=torch.uint8,
+                                           generator=g),
              "image_ids": torch.arange(b) + seed * b, **tokens}
     return {k: v.to(device, non_blocking=True) for k, v in batch.items()}
 
@@ -328,6 +330,10 @@ def bench_steps(timer, device, args, tokenizer, dinov2_dir, matmul_tflops) -> li
              # The whole training forward as one graph (compile scope forward); the encoder is inside it.
              "forward": (f"{fast} compiled forward", "sdpa", bf16, False, True, "default", "default", "forward"),
              "forward_ro": (f"{fast} compiled forward, CUDA graphs", "sdpa", bf16, False, True, ro, ro, "forward"),
+             # max-autotune: GEMMs autotuned against Triton templates (which can fuse their epilogues, the GELU
+             # after fc1 say), CUDA graphs too; compiles for much longer.
+             "forward_ma": (f"{fast} compiled forward, max-autotune", "sdpa", bf16, False, True, "max-autotune",
+                            "max-autotune", "forward"),
              "compiled_encoder": (f"{fast} compiled encoder", "sdpa", bf16, True, False, "default", "default",
                                   "modules"),
              "sdpa": (f"{fast} sdpa, no compile", "sdpa", bf16, False, False, "default", "default", "modules"),
@@ -363,7 +369,8 @@ def bench_step_variant(timer, device, args, tokenizer, dinov2_dir, matmul_tflops
         optimizer = make_optimizer(model, device)
         counter = iter(range(10**9))
         reset_peak(device)
-        graphs = "reduce-overhead" in (model_mode if compile_model else None, encoder_mode if compile_encoder else None)
+        graphs = bool({"reduce-overhead", "max-autotune"} & {model_mode if compile_model else None,
+                                                             encoder_mode if compile_encoder else None})
         t = timer(lambda: train_step(model, optimizer, batches[next(counter) % 4], dtype, graphs),
                   warmup=args.warmup, iters=args.steps)
         rows.append({"name": f"step phase {phase} {label}", "images_per_s": args.batch_size / t["median_s"],
@@ -508,7 +515,7 @@ def main() -> None:
                    help="encoder ceilings: none (no compile) and torch.compile modes")
     p.add_argument("--step_variants", default="compiled,compiled_encoder,naive",
                    help="full-step variants, in order: compiled, compiled_ro_encoder, compiled_ro, forward, "
-                        "forward_ro, compiled_encoder, sdpa, naive")
+                        "forward_ro, forward_ma, compiled_encoder, sdpa, naive")
     p.add_argument("--profile_variants", default="",
                    help="step variants to profile with --profile_dir (default: the first)")
     p.add_argument("--workers", type=int, default=max(1, (os.cpu_count() or 2) - 2))
