@@ -13,6 +13,7 @@ that step. Prints a table and writes ``results.json`` under ``--out``.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import os
 import re
@@ -88,18 +89,54 @@ def kill_and_resume(n: int, args, manifest: Path) -> dict:
     latest = run_dir / "checkpoints/latest"
     while not latest.exists() and proc.poll() is None:  # the pointer moves last: a complete checkpoint is there
         time.sleep(0.1)
-    os.killpg(proc.pid, signal.SIGKILL)
-    proc.wait()
+    left = kill_all(proc)
     saved_step = int(re.search(r"(\d+)\s*$", latest.read_text()).group(1)) if latest.exists() else None
-    resumed = subprocess.run(cmd + ["--train.resume", "latest", "--train.max_steps", str((saved_step or 0) + 20)],
+    target = (saved_step or 0) + 20
+    killed_log = (run_dir / "logs/training.log").read_text()
+    resumed = subprocess.run(cmd + ["--train.resume", "latest", "--train.max_steps", str(target)],
                              env=ENV, capture_output=True, text=True, timeout=args.timeout)
-    text = (run_dir / "logs/training.log").read_text()
-    m = re.search(r"Resumed from (\S+) at epoch (\d+) step (\d+)", text)
-    steps_after = [int(s) for s in re.findall(r"step (\d+)/", text.split("Resumed from")[-1])] if m else []
-    return {"gpus": n, "killed_after_step": saved_step, "resume_returncode": resumed.returncode,
-            "resumed_line": m.group(0) if m else None, "first_logged_step_after_resume": min(steps_after, default=None),
-            "last_logged_step": max(steps_after, default=None),
+    after = (run_dir / "logs/training.log").read_text()[len(killed_log):]  # what the resumed run wrote
+    m = re.search(r"Resumed from (\S+) at epoch (\d+) step (\d+)", after)
+    steps_after = [int(s) for s in re.findall(r"step (\d+)/", after)]
+    stops = re.findall(r"Training stopped at epoch \d+ step (\d+)", after)
+    return {"gpus": n, "killed_after_step": saved_step, "processes_left_after_kill": left,
+            "resume_returncode": resumed.returncode, "resumed_line": m.group(0) if m else None,
+            "first_logged_step_after_resume": min(steps_after, default=None),
+            "last_logged_step": max(steps_after, default=None), "stopped_at": stops,
+            "resumed_as_expected": bool(m and int(m.group(3)) == saved_step and stops == [str(target)]
+                                        and steps_after == sorted(steps_after) and max(steps_after) == target),
             "error_tail": None if resumed.returncode == 0 else (resumed.stdout + resumed.stderr)[-3000:]}
+
+
+def kill_all(proc: subprocess.Popen) -> int:
+    """SIGKILL torchrun and every process under it, as a crash would; returns how many are still alive after.
+
+    torchrun starts each worker in a session of its own, out of reach of ``killpg`` on torchrun's group, so the
+    tree is listed by parent pid first and each process killed by pid.
+    """
+    def parents() -> dict[int, int]:
+        out = {}
+        for entry in Path("/proc").iterdir():
+            try:
+                if entry.name.isdigit():
+                    fields = (entry / "stat").read_text().rsplit(")", 1)[1].split()
+                    if fields[0] != "Z":  # a zombie is dead already
+                        out[int(entry.name)] = int(fields[1])
+            except OSError:  # exited meanwhile
+                pass
+        return out
+
+    tree, ppid = [proc.pid], parents()
+    for pid in tree:  # breadth first: grows while it runs
+        tree += [child for child, parent in ppid.items() if parent == pid]
+    for pid in tree:
+        with contextlib.suppress(ProcessLookupError):
+            os.kill(pid, signal.SIGKILL)
+    proc.wait()
+    deadline = time.time() + 30
+    while set(tree[1:]) & set(parents()) and time.time() < deadline:  # until the kernel has reaped them
+        time.sleep(0.1)
+    return len(set(tree[1:]) & set(parents()))
 
 
 def main() -> None:
@@ -113,6 +150,7 @@ def main() -> None:
     p.add_argument("--workers", type=int, default=6, help="loader workers per GPU")
     p.add_argument("--timeout", type=int, default=900)
     p.add_argument("--skip_resume", action="store_true")
+    p.add_argument("--resume_only", action="store_true", help="only the kill-and-resume check, no timing runs")
     p.add_argument("--extra", default="", help="more trainer overrides, e.g. a tiny model for a CPU smoke test")
     p.add_argument("--out", default="/tmp/loravl_multi_gpu")
     args = p.parse_args()
@@ -127,12 +165,12 @@ def main() -> None:
     print(f"{args.num_jpegs} JPEGs ready in {time.time() - t0:.0f}s", flush=True)
 
     results = {"runs": [], "args": vars(args)}
-    for n in [int(x) for x in args.gpus.split(",")]:
+    for n in [] if args.resume_only else [int(x) for x in args.gpus.split(",")]:
         r = run(n, args, jpegs / "manifest.jsonl")
         print(json.dumps(r), flush=True)
         results["runs"].append(r)
         (out / "results.json").write_text(json.dumps(results, indent=2))
-    base = results["runs"][0]
+    base = results["runs"][0] if results["runs"] else None
     for r in results["runs"]:
         for phase in ("phase1", "phase2"):
             one, many = base[f"{phase}_images_per_s"], r[f"{phase}_images_per_s"]
