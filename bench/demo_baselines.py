@@ -21,6 +21,8 @@ from collections import Counter
 from pathlib import Path
 from typing import Any, Iterable, Iterator
 
+import torch
+
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "src"))  # run from a checkout without installing
 
 from loravl.data import COLOURS, RELATIONS, SHAPES  # noqa: E402
@@ -41,7 +43,9 @@ def possible_demo_captions() -> int:
 
 def zeroed_images(batches: Iterable[dict]) -> Iterator[dict]:
     for batch in batches:
-        yield {**batch, "pixel_values": batch["pixel_values"].zero_()}
+        # float zeros: the encoder takes a float image as normalised already, so this is the mean colour (uint8
+        # zeros would be black)
+        yield {**batch, "pixel_values": torch.zeros(batch["pixel_values"].shape)}
 
 
 def majority_caption(cfg: Any) -> str:
