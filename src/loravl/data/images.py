@@ -124,7 +124,7 @@ def load_rgb_image(source: ImageSource, *, max_pixels: int, min_size: int,
                 if target_size and image.format == "JPEG" and min(width, height) >= 2 * target_size:
                     image.draft("RGB", (target_size, target_size))
                 image.load()
-                image = ImageOps.exif_transpose(image)
+                ImageOps.exif_transpose(image, in_place=True)  # not a copy of every upright image
                 return to_rgb(image)
     except (Image.DecompressionBombError, Image.DecompressionBombWarning) as e:
         return Skip(skips.DECOMPRESSION_BOMB, str(e))
