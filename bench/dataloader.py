@@ -92,13 +92,15 @@ def run_one(manifest: Path, workers: int, batch_size: int, image_size: int, pref
     total_s = time.perf_counter() - start
     # Persistent workers would go on filling the prefetch queue (prefetch x workers batches) while the next
     # configuration is timed: stop them now.
-    dtype, skipped = str(batch["pixel_values"].dtype), loader.skips.skipped
-    del loader, batch
+    dtype = str(batch["pixel_values"].dtype) if batches else None
+    skipped = loader.skips.skipped
+    del loader
     gc.collect()
     steady_s = total_s - (first_batch_s or 0.0)
     steady = steady_images / steady_s if steady_s > 0 else float("nan")
     return {
-        "transform": transform, "dtype": dtype, "workers": workers, "images": images, "batches": batches, "seconds": round(total_s, 3),
+        "transform": transform, "dtype": dtype, "workers": workers, "images": images, "batches": batches,
+        "seconds": round(total_s, 3),
         "first_batch_seconds": round(first_batch_s or 0.0, 3),
         "images_per_s_end_to_end": round(images / total_s, 1),
         "images_per_s_steady": round(steady, 1),
