@@ -1,25 +1,56 @@
 import pytest
 import torch
+import torch.nn.functional as F
 from torch import nn
 from transformers import AutoModel, Dinov2Config, Dinov2WithRegistersConfig, Dinov2WithRegistersModel
 
 from loravl.compressor import TokenCompressor
 from loravl.config import CompressorConfig, ConfigError, LoraConfig, VisionConfig
-from loravl.vision import VisionEncoder, num_image_tokens, resolve_target_modules
+from loravl.vision import PatchProjection, VisionEncoder, num_image_tokens, resolve_target_modules
 
 from conftest import tiny_dinov2_config
+
+
+def plain_dinov2(path: str) -> nn.Module:
+    """The backbone without LoRA, its patch embedding computed as the encoder computes it (a matrix product; the
+    convolution's own sums differ in the last bits, tested against it below): LoRA's effect alone is compared."""
+    model = AutoModel.from_pretrained(path).eval()
+    patches = model.embeddings.patch_embeddings
+    patches.projection = PatchProjection.from_conv(patches.projection)
+    return model
 
 
 def test_lora_at_init_leaves_encoder_output_unchanged(tiny_dinov2_path):
     torch.manual_seed(0)
     pixels = torch.randn(2, 3, 28, 28)
-    plain = AutoModel.from_pretrained(tiny_dinov2_path).eval()
+    plain = plain_dinov2(tiny_dinov2_path)
     encoder = VisionEncoder(VisionConfig(pretrained=tiny_dinov2_path, image_size=28)).eval()
     with torch.no_grad():
         expected = plain(pixel_values=pixels).last_hidden_state
         got = encoder(pixels)
     assert got.shape == (2, 1 + 4, 32)
     torch.testing.assert_close(got, expected, rtol=0, atol=0)
+
+
+@pytest.mark.parametrize("size", [(28, 28), (31, 44)])  # 31x44: pixels past the last whole patch are dropped
+def test_patch_projection_is_the_convolution_it_replaces(tiny_dinov2_path, size):
+    torch.manual_seed(0)
+    encoder = VisionEncoder(VisionConfig(pretrained=tiny_dinov2_path, image_size=28))
+    projection = encoder.model.base_model.model.embeddings.patch_embeddings.projection
+    assert isinstance(projection, PatchProjection) and isinstance(projection, nn.Conv2d)
+    pixels = torch.randn(3, 3, *size, requires_grad=True)
+    out = projection(pixels)
+    expected = F.conv2d(pixels, projection.weight, projection.bias, stride=14)
+    assert out.shape == expected.shape == (3, 32, size[0] // 14, size[1] // 14)
+    torch.testing.assert_close(out, expected, rtol=1e-5, atol=1e-5)
+    # Gradients too (the projection trains in full fine-tuning and for LoRA on it).
+    (grad_out,) = torch.autograd.grad(out.square().sum(), pixels)
+    (grad_expected,) = torch.autograd.grad(expected.square().sum(), pixels)
+    torch.testing.assert_close(grad_out, grad_expected, rtol=1e-5, atol=1e-5)
+    # Checkpoints keep the convolution's names and shapes.
+    plain = AutoModel.from_pretrained(tiny_dinov2_path).embeddings.patch_embeddings.projection
+    assert {k: v.shape for k, v in projection.state_dict().items()} == \
+        {k: v.shape for k, v in plain.state_dict().items()} == {"weight": (32, 3, 14, 14), "bias": (32,)}
 
 
 def test_uint8_images_are_normalised_as_the_float_path_expects(tiny_dinov2_path):
@@ -97,7 +128,7 @@ def test_frozen_zero_lora_path_is_skipped_and_output_exact(tiny_dinov2_path):
     # Phase 1: B is zero and frozen, so the LoRA path adds exactly nothing; it is not computed at all.
     torch.manual_seed(0)
     pixels = torch.randn(2, 3, 28, 28)
-    plain = AutoModel.from_pretrained(tiny_dinov2_path).eval()
+    plain = plain_dinov2(tiny_dinov2_path)
     encoder = VisionEncoder(VisionConfig(pretrained=tiny_dinov2_path, image_size=28))
     calls = _lora_path_calls(encoder)
     with torch.no_grad():
