@@ -6,8 +6,8 @@
 Each part runs as in the phase-1 step: bf16 autocast, the encoder frozen (no autograd through it), forward and
 backward of what trains. A part is timed by the device time of its kernels under the profiler (what the step
 pays for it once the host is hidden, as the compiled forward with CUDA graphs nearly does) and by wall time.
-Parts: the encoder (the patch embedding as a matrix product, as now, and as cuDNN's convolution, as before;
-base weights in bf16), the compressor and ITC image head, the text encoder, their momentum copies, the
+Parts: the encoder (as now; with the patch embedding as cuDNN's convolution, and with a separate GELU kernel, as
+before; base weights in bf16), the compressor and ITC image head, the text encoder, their momentum copies, the
 captioner (image_to_text, GPT-2 with cross-attention, LM loss), ITM (fusion over the 3B pairs and its head, the
 hard-negative sampling included), the ITC loss against a full queue, and the momentum update. Each part is
 compiled on its own (torch.compile, default mode), so kernels do not fuse across parts as in the whole compiled
@@ -32,12 +32,13 @@ import throughput as T  # noqa: E402  (bench/throughput.py: the model, tokenizer
 from loravl.config import ModelConfig  # noqa: E402
 from loravl.losses import itc_loss, lm_loss  # noqa: E402
 from loravl.text import encode_text, gather_eos  # noqa: E402
+from loravl.vision import PatchProjection  # noqa: E402
 
 
-def kernel_ms_per_call(fn, calls: int) -> float:
-    """Device time of the kernels ``fn`` launches, per call (0 on the CPU)."""
+def kernel_ms_per_call(fn, calls: int) -> tuple[float, str]:
+    """Device time of the kernels ``fn`` launches, per call (0 on the CPU), and a table of its top kernels."""
     if not torch.cuda.is_available():
-        return 0.0
+        return 0.0, ""
     from torch.autograd import DeviceType
     from torch.profiler import ProfilerActivity, profile
 
@@ -48,7 +49,8 @@ def kernel_ms_per_call(fn, calls: int) -> float:
         torch.cuda.synchronize()
     us = sum(e.time_range.elapsed_us() for e in prof.events()
              if e.device_type == DeviceType.CUDA and not e.is_user_annotation)
-    return us / calls / 1e3
+    table = prof.key_averages().table(sort_by="self_cuda_time_total", row_limit=14, max_name_column_width=70)
+    return us / calls / 1e3, table
 
 
 def conv_patch_projection(model) -> None:
@@ -60,16 +62,25 @@ def conv_patch_projection(model) -> None:
     patches.projection = conv
 
 
+def separate_gelu(model) -> None:
+    """Each DINOv2 MLP back to fc1, then a separate GELU kernel, then fc2 (what transformers runs; the encoder
+    now fuses fc1 and GELU when frozen under CUDA autocast, ``loravl.vision.GeluMLP``)."""
+    for layer in model.vision.model.base_model.model.encoder.layer:
+        mlp = layer.mlp
+        mlp.forward = lambda hidden, mlp=mlp: mlp.fc2(F.gelu(mlp.fc1(hidden)))
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--batch_size", type=int, default=128)
     ap.add_argument("--image_size", type=int, default=224)
     ap.add_argument("--iters", type=int, default=10)
     ap.add_argument("--warmup", type=int, default=3)
-    ap.add_argument("--parts", default="", help="comma-separated subset of the parts (default: all)")
+    ap.add_argument("--parts", default="", help="a subset of the parts, separated by semicolons (default: all)")
     ap.add_argument("--no_compile", action="store_true")
     ap.add_argument("--tiny", action="store_true")
     ap.add_argument("--out", default="step_parts.json")
+    ap.add_argument("--tables", default="", help="write each part's top kernels to this file")
     args = ap.parse_args()
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     torch.backends.cuda.matmul.allow_tf32 = True
@@ -113,13 +124,14 @@ def main() -> None:
     temperature = model.clamped_temperature().detach()
     trainable = [p for _, p in model.trainable_parameters()] + [image_tokens, text_states, image_feat, text_feat]
 
+    # Every part returns what it computes: a compiled function whose result is dropped computes nothing.
     def encoder():
         with torch.no_grad():
-            model.vision(pixels)
+            return model.vision(pixels)
 
     def encoder_bf16_weights():
         with torch.no_grad():
-            model.vision(pixels)  # called without autocast, the model in bf16 (see below)
+            return model.vision(pixels)  # the encoder in bf16 (see below), under autocast as the trainer runs it
 
     def compressor_online():
         tokens = model.compressor(encoder_tokens)
@@ -129,7 +141,7 @@ def main() -> None:
     def compressor_momentum():
         with torch.no_grad():
             tokens = model.compressor_m(encoder_tokens)
-            F.normalize(model.vision_proj_m(model.image_pool_m(tokens)), dim=-1)
+            return tokens, F.normalize(model.vision_proj_m(model.image_pool_m(tokens)), dim=-1)
 
     def text_online():
         out = model.encode_text(ids, mask)
@@ -137,7 +149,7 @@ def main() -> None:
 
     def text_momentum():
         with torch.no_grad():
-            F.normalize(model.text_proj_m(gather_eos(encode_text(model.text_m, ids, mask), mask)), dim=-1)
+            return F.normalize(model.text_proj_m(gather_eos(encode_text(model.text_m, ids, mask), mask)), dim=-1)
 
     def captioner():
         return lm_loss(model.caption_logits(image_tokens, ids, mask), ids, mask, cfg.loss.label_smoothing)
@@ -163,18 +175,19 @@ def main() -> None:
                         cfg.loss.distill_alpha, image_feat.detach(), text_feat.detach(), candidates)
 
     def momentum_update():
-        model.momentum_update()
+        model.momentum_update()  # in place: its writes are kept
 
     # name: (function, has a backward, runs under autocast)
     parts = {"encoder": (encoder, False, True), "encoder, cuDNN convolution patch embedding": (encoder, False, True),
+             "encoder, separate GELU kernel": (encoder, False, True),
              "compressor + ITC image head": (compressor_online, True, True),
              "momentum compressor + image head": (compressor_momentum, False, True),
              "text encoder": (text_online, True, True), "momentum text encoder": (text_momentum, False, True),
              "captioner + LM loss": (captioner, True, True), "ITM: fusion over 3B pairs": (itm, True, True),
              "ITM, image tokens cast to bf16 first": (itm_bf16_image_tokens, True, True),
              "ITC loss, full queue": (itc, True, True), "momentum update": (momentum_update, False, False),
-             "encoder, bf16 base weights": (encoder_bf16_weights, False, False)}
-    wanted = [p for p in args.parts.split(",") if p] or list(parts)
+             "encoder, bf16 base weights": (encoder_bf16_weights, False, True)}
+    wanted = [p.strip() for p in args.parts.split(";") if p.strip()] or list(parts)
     unknown = [p for p in wanted if p not in parts]
     if unknown:
         raise SystemExit(f"--parts: unknown {unknown}; known: {', '.join(parts)}")
@@ -184,8 +197,15 @@ def main() -> None:
         if name not in wanted:
             continue
         fn, backward, under_autocast = parts[name]
+        # Each encoder variant changes one thing against the encoder as it is now, and is undone after.
+        patches = model.vision.model.base_model.model.embeddings.patch_embeddings
+        patches.projection = PatchProjection.from_conv(patches.projection)
+        for layer in model.vision.model.base_model.model.encoder.layer:
+            layer.mlp.__dict__.pop("forward", None)
         if name == "encoder, cuDNN convolution patch embedding":
             conv_patch_projection(model)
+        if name == "encoder, separate GELU kernel":
+            separate_gelu(model)
         if name == "encoder, bf16 base weights":  # last: it changes the model
             model.vision.to(torch.bfloat16 if dtype is not None else torch.float32)
         compiled = fn if args.no_compile else torch.compile(fn)
@@ -208,8 +228,11 @@ def main() -> None:
             timer.sync()
             warmup_s = time.perf_counter() - t0
             t = timer(call, warmup=1, iters=args.iters)
-            row = {"name": name, "kernel_ms": kernel_ms_per_call(call, 5), "wall_ms": 1e3 * t["median_s"],
-                   "warmup_s": warmup_s}
+            kernel_ms, table = kernel_ms_per_call(call, 5)
+            row = {"name": name, "kernel_ms": kernel_ms, "wall_ms": 1e3 * t["median_s"], "warmup_s": warmup_s}
+            if args.tables:
+                with open(args.tables, "a") as f:
+                    f.write(f"## {name}: {kernel_ms:.3f} ms of kernels per call\n{table}\n\n")
         except Exception as e:  # one failing part must not lose the others
             row = {"name": name, "error": f"{type(e).__name__}: {str(e)[:300]}"}
         rows.append(row)

@@ -6,7 +6,7 @@ from transformers import AutoModel, Dinov2Config, Dinov2WithRegistersConfig, Din
 
 from loravl.compressor import TokenCompressor
 from loravl.config import CompressorConfig, ConfigError, LoraConfig, VisionConfig
-from loravl.vision import PatchProjection, VisionEncoder, num_image_tokens, resolve_target_modules
+from loravl.vision import GeluMLP, PatchProjection, VisionEncoder, num_image_tokens, resolve_target_modules
 
 from conftest import tiny_dinov2_config
 
@@ -66,6 +66,27 @@ def test_uint8_images_are_normalised_as_the_float_path_expects(tiny_dinov2_path)
         torch.testing.assert_close(encoder(pixels), encoder(normalised.float()), rtol=1e-5, atol=1e-5)
         assert not torch.allclose(encoder(pixels), encoder(pixels.float()), atol=1e-2)  # 0-255 is not normalised
     assert not any("pixel_" in k for k in encoder.state_dict())  # constants, not checkpoint content
+
+
+def test_gelu_mlp_keeps_the_mlp_names_and_its_fused_fc1_gelu_is_fc1_then_gelu(tiny_dinov2_path):
+    encoder = VisionEncoder(VisionConfig(pretrained=tiny_dinov2_path, image_size=28))
+    backbone = encoder.model.base_model.model
+    assert all(isinstance(layer.mlp, GeluMLP) for layer in backbone.encoder.layer)
+    plain = AutoModel.from_pretrained(tiny_dinov2_path)
+    names = {k for k in backbone.state_dict() if ".mlp." in k}
+    assert names == {k for k in plain.state_dict() if ".mlp." in k} and names  # checkpoints unchanged
+    mlp = backbone.encoder.layer[0].mlp
+    x = torch.randn(2, 5, 32)
+    with torch.no_grad():
+        expected = F.gelu(mlp.fc1(x))
+        # On the CPU the fused call computes the exact GELU (cuBLASLt's epilogue, on a GPU, the tanh one), so
+        # this checks the wiring: shapes, the transposed weight, the bias.
+        torch.testing.assert_close(mlp.fused_fc1_gelu(x, torch.float32), expected, rtol=1e-5, atol=1e-6)
+        torch.testing.assert_close(mlp(x), plain.encoder.layer[0].mlp(x), rtol=0, atol=0)  # CPU: the plain MLP
+    # The gradient path is the plain MLP's (the fused call has no derivative).
+    x.requires_grad_(True)
+    mlp(x).sum().backward()
+    assert x.grad is not None and mlp.fc1.weight.grad is None  # frozen base, as loaded
 
 
 def test_step_on_lora_moves_lora_only(tiny_dinov2_path):

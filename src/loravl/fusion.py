@@ -12,6 +12,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from .attention import masked_text_attention
 from .config import FusionConfig
 
 
@@ -35,8 +36,9 @@ class CrossAttention(nn.Module):
         k, v = self.kv(context).view(b, context.shape[1], 2, h, d // h).permute(2, 0, 3, 1, 4)
         # context_mask: [B, M], True/1 where the context token is real (text padding is 0)
         attn_mask = None if context_mask is None else context_mask.bool()[:, None, None, :]
-        out = F.scaled_dot_product_attention(q, k, v, attn_mask=attn_mask,
-                                             dropout_p=self.dropout if self.training else 0.0)
+        with masked_text_attention(q, attn_mask):
+            out = F.scaled_dot_product_attention(q, k, v, attn_mask=attn_mask,
+                                                 dropout_p=self.dropout if self.training else 0.0)
         return self.out(out.transpose(1, 2).reshape(b, n, d))
 
 

@@ -15,6 +15,7 @@ from transformers import AttentionInterface, AutoTokenizer, GPT2Config, GPT2LMHe
 from transformers.integrations.sdpa_attention import sdpa_attention_forward
 from transformers.masking_utils import AttentionMaskInterface, sdpa_mask
 
+from .attention import masked_text_attention
 from .config import ConfigError, TextConfig
 
 PAD, BOS, EOS = "<pad>", "<bos>", "<eos>"
@@ -31,11 +32,12 @@ def sdpa_unmasked_image_attention(module: torch.nn.Module, query: torch.Tensor, 
     passes no mask either. While compiling, transformers 5.17 materialises an all-ones mask 257 tokens wide. With
     that mask no fused kernel applies, and SDPA takes its fp32 math path in every captioner layer and every
     decoding step (bench/results/2026-11-23_h100_profile_generate_run5.txt). Self-attention keeps its mask: text
-    has padding.
+    has padding; on a GPU it takes the memory-efficient kernel (``loravl.attention``).
     """
     if getattr(module, "is_cross_attention", False):
         attention_mask = None
-    return sdpa_attention_forward(module, query, key, value, attention_mask, **kwargs)
+    with masked_text_attention(query, attention_mask):
+        return sdpa_attention_forward(module, query, key, value, attention_mask, **kwargs)
 
 
 AttentionInterface.register(ATTENTION, sdpa_unmasked_image_attention)

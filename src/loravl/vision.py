@@ -141,7 +141,39 @@ def load_dinov2(cfg: VisionConfig) -> nn.Module:
         model = AutoModel.from_pretrained(cfg.pretrained, attn_implementation=cfg.attn_implementation)
     patches = model.embeddings.patch_embeddings
     patches.projection = PatchProjection.from_conv(patches.projection)
+    for layer in model.encoder.layer:
+        if getattr(model.config, "hidden_act", None) == "gelu" and hasattr(layer.mlp, "fc1"):
+            layer.mlp = GeluMLP(layer.mlp.fc1, layer.mlp.fc2)
     return model
+
+
+class GeluMLP(nn.Module):
+    """DINOv2's MLP (fc1, exact GELU, fc2) with the same parameters and names, whose fc1 and GELU run as one
+    cuBLASLt call (``torch._addmm_activation``, the GELU as the matrix product's epilogue) where that is exact
+    enough and needs no gradient: a frozen encoder (phase 1, evaluation, captioning) under CUDA bf16/fp16
+    autocast.
+
+    The separate GELU kernel reads and writes the [tokens, 3072] activation: 1.8 ms of a phase-1 step on the H200
+    (bench/step_parts.py). cuBLASLt's GELU is the tanh approximation, within 5e-4 of the exact one: below the
+    resolution of the bf16 activation it is applied to (2^-8 relative). Anywhere else (fp32, the CPU, gradients,
+    LoRA on fc1) it is the plain MLP.
+    """
+
+    def __init__(self, fc1: nn.Linear, fc2: nn.Linear):
+        super().__init__()
+        self.fc1, self.fc2 = fc1, fc2
+
+    def forward(self, hidden_states: torch.Tensor) -> torch.Tensor:
+        if (hidden_states.is_cuda and torch.is_autocast_enabled("cuda") and not torch.is_grad_enabled()
+                and type(self.fc1) is nn.Linear and self.fc1.bias is not None):
+            return self.fc2(self.fused_fc1_gelu(hidden_states, torch.get_autocast_dtype("cuda")))
+        return self.fc2(F.gelu(self.fc1(hidden_states)))
+
+    def fused_fc1_gelu(self, hidden_states: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+        # _addmm_activation is not an autocast op: cast as autocast would
+        x = hidden_states.reshape(-1, hidden_states.shape[-1]).to(dtype)
+        out = torch._addmm_activation(self.fc1.bias.to(dtype), x, self.fc1.weight.to(dtype).t(), use_gelu=True)
+        return out.view(*hidden_states.shape[:-1], -1)
 
 
 class PatchProjection(nn.Conv2d):
