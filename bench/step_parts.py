@@ -178,8 +178,8 @@ def main() -> None:
         model.momentum_update()  # in place: its writes are kept
 
     # name: (function, has a backward, runs under autocast)
-    parts = {"encoder": (encoder, False, True), "encoder, cuDNN convolution patch embedding": (encoder, False, True),
-             "encoder, separate GELU kernel": (encoder, False, True),
+    parts = {"encoder, separate GELU kernel": (encoder, False, True), "encoder": (encoder, False, True),
+             "encoder, cuDNN convolution patch embedding": (encoder, False, True),
              "compressor + ITC image head": (compressor_online, True, True),
              "momentum compressor + image head": (compressor_momentum, False, True),
              "text encoder": (text_online, True, True), "momentum text encoder": (text_momentum, False, True),
@@ -193,6 +193,7 @@ def main() -> None:
         raise SystemExit(f"--parts: unknown {unknown}; known: {', '.join(parts)}")
 
     rows = []
+    reference_tokens = None  # the encoder's output with a separate exact GELU: what the others are compared to
     for name in parts:
         if name not in wanted:
             continue
@@ -230,6 +231,17 @@ def main() -> None:
             t = timer(call, warmup=1, iters=args.iters)
             kernel_ms, table = kernel_ms_per_call(call, 5)
             row = {"name": name, "kernel_ms": kernel_ms, "wall_ms": 1e3 * t["median_s"], "warmup_s": warmup_s}
+            if name.startswith("encoder"):
+                # How far each variant's tokens are from the exact-GELU, fp32-weight encoder's (the plain
+                # transformers computation under autocast): relative L2 error and largest difference.
+                with torch.no_grad(), autocast():
+                    tokens = compiled().float()
+                if name == "encoder, separate GELU kernel":
+                    reference_tokens = tokens
+                if reference_tokens is not None:
+                    row["relative_error_vs_exact_gelu"] = float((tokens - reference_tokens).norm()
+                                                                / reference_tokens.norm())
+                    row["max_abs_diff_vs_exact_gelu"] = float((tokens - reference_tokens).abs().max())
             if args.tables:
                 with open(args.tables, "a") as f:
                     f.write(f"## {name}: {kernel_ms:.3f} ms of kernels per call\n{table}\n\n")
