@@ -141,9 +141,10 @@ def load_dinov2(cfg: VisionConfig) -> nn.Module:
         model = AutoModel.from_pretrained(cfg.pretrained, attn_implementation=cfg.attn_implementation)
     patches = model.embeddings.patch_embeddings
     patches.projection = PatchProjection.from_conv(patches.projection)
-    for layer in model.encoder.layer:
-        if getattr(model.config, "hidden_act", None) == "gelu" and hasattr(layer.mlp, "fc1"):
-            layer.mlp = GeluMLP(layer.mlp.fc1, layer.mlp.fc2)
+    if getattr(model.config, "hidden_act", None) == "gelu":  # not the SwiGLU variants
+        for layer in model.encoder.layer:
+            if hasattr(layer.mlp, "fc1"):
+                layer.mlp = GeluMLP(layer.mlp.fc1, layer.mlp.fc2)
     return model
 
 
@@ -153,7 +154,8 @@ class GeluMLP(nn.Module):
     enough and needs no gradient: a frozen encoder (phase 1, evaluation, captioning) under CUDA bf16/fp16
     autocast.
 
-    The separate GELU kernel reads and writes the [tokens, 3072] activation: 1.8 ms of a phase-1 step on the H200
+    The separate GELU kernel reads and writes the [tokens, 3072] activation: 1.7 ms of a phase-1 step on the H200
+    (bench/results/2026-12-01_h200_profile_phase1_forward_patch_matmul.txt); fused, the encoder took 1.5 ms less
     (bench/step_parts.py). cuBLASLt's GELU is the tanh approximation: at most 4.7e-4 from the exact one (at
     x = -2.7), an eighth of bf16's rounding step at 1 (2^-8; half of fp16's), and autocast rounds both fc1's
     output and the GELU's to that precision anyway. Anywhere else (fp32, the CPU, gradients, LoRA on fc1) it is
@@ -180,7 +182,8 @@ class GeluMLP(nn.Module):
 class PatchProjection(nn.Conv2d):
     """A patch embedding (a convolution whose stride is its kernel, no padding) as one matrix product.
 
-    The same weights (names and shapes, so checkpoints are unchanged) and the same sums. On the H100, cuDNN ran
+    The same weights (names and shapes, so checkpoints are unchanged) and the same products, summed in another
+    order (equal to the convolution within float rounding). On the H100, cuDNN ran
     DINOv2's 14x14 stride-14 convolution over a batch of 128 in 0.67 ms plus 0.29 ms of NCHW/NHWC layout
     conversions (bench/results/2026-11-23_h100_profile_phase1_forward_run10.txt): a [B*256, 588] x [588, 768]
     product is a small fraction of that, and the patch gather fuses into the pixel normalisation when compiled.
