@@ -242,6 +242,24 @@ def broken_files() -> dict[str, tuple[bytes, str]]:
     }
 
 
+def test_tensor_decoding_gives_pils_pixels_and_its_skips():
+    """as_tensor=True (the loader's path: JPEGs through torchvision's decode_jpeg) gives exactly the pixels of the
+    PIL path, EXIF rotation included, and the same Skip reasons for broken files, a JPEG cut anywhere included."""
+    rng = np.random.default_rng(0)
+    photo = Image.fromarray(rng.integers(0, 255, (60, 80, 3), dtype=np.uint8))
+    cases = {**good_image_bytes(), "gray.jpg": _save(Image.fromarray(rng.integers(0, 255, (30, 40), dtype=np.uint8)),
+                                                     "JPEG"),
+             "progressive.jpg": _save(photo, "JPEG", progressive=True)}
+    for name, data in cases.items():
+        pil = load_rgb_image(data, max_pixels=10**7, min_size=2)
+        tensor = load_rgb_image(data, max_pixels=10**7, min_size=2, as_tensor=True)
+        assert tensor.dtype == torch.uint8 and torch.equal(tensor, torch.from_numpy(np.array(pil)).permute(2, 0, 1)), name
+    jpeg = _save(photo, "JPEG", quality=90)
+    broken = {**broken_files(), **{f"cut at {f}": (jpeg[: int(len(jpeg) * f)], "corrupt_image") for f in (0.3, 0.9)}}
+    for name, (data, reason) in broken.items():
+        assert load_rgb_image(data, max_pixels=10**6, min_size=2, as_tensor=True).reason == reason, name
+
+
 def test_image_modes_end_as_rgb_with_the_right_content():
     images = {name: load_rgb_image(data, max_pixels=10**7, min_size=2) for name, data in good_image_bytes().items()}
     for name, image in images.items():

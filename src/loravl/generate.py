@@ -183,7 +183,7 @@ class ImagePreparer:
                 return Skip("read_error", f"{type(e).__name__}: {e}")
         else:
             loaded = load_rgb_image(image, max_pixels=self.max_pixels, min_size=self.min_size,
-                                    target_size=self.image_size)
+                                    target_size=self.image_size, as_tensor=True)
             if isinstance(loaded, Skip):
                 return loaded
             rgb = loaded

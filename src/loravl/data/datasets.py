@@ -50,7 +50,7 @@ class SampleBuilder:
         if record.image is None:
             return Skip(skips.NO_IMAGE)
         image = load_rgb_image(record.image, max_pixels=self.max_pixels, min_size=self.min_size,
-                               target_size=self.decode_size)
+                               target_size=self.decode_size, as_tensor=True)
         if isinstance(image, Skip):
             return image
         if self.train:
