@@ -3,6 +3,8 @@
     python3 bench/cuda_graphs_check.py --out cuda_graphs_check.json     # on a GPU, about 3 minutes of compiling
 
 ``--scope forward``: the CUDA-graph variants compile the whole training forward (train.compile_scope: forward).
+``--micro_batches 1``: one micro-batch per step, where the trainer keeps no gradient buffers (each gradient is the
+backward graph's output until the optimizer has stepped; the widths alternate from step to step).
 
 Runs ``loravl.train.train_step`` (two micro-batches of different caption lengths per step, bf16) for a few steps in
 phase 1 and phase 2 on identically initialised models and records every gradient just before the optimizer step:
@@ -36,9 +38,9 @@ from loravl.train import DistributedEnv, build_optimizer, choose_precision, trai
 from throughput import random_captions, random_word_tokenizer  # noqa: E402
 
 
-def micro_batches(tokenizer, step: int, batch_size: int, image_size: int) -> list[dict]:
+def micro_batches(tokenizer, step: int, batch_size: int, image_size: int, count: int = 2) -> list[dict]:
     out = []
-    for i, words in enumerate((6, 12)):  # two caption lengths: two padded widths, two sets of graphs
+    for i, words in enumerate((6, 12)[:count]):  # two caption lengths: two padded widths, two sets of graphs
         g = torch.Generator().manual_seed(100 * step + i)
         captions = [" ".join(c.split()[:words]) for c in random_captions(batch_size, seed=100 * step + i)]
         out.append({"pixel_values": torch.randn(batch_size, 3, image_size, image_size, generator=g),
@@ -77,8 +79,10 @@ def run_variant(name: str, args, cfg: ModelConfig, tokenizer, device) -> tuple[l
         optimizer.register_step_pre_hook(record)
         for _ in range(args.steps):
             torch.manual_seed(1000 + step)  # the same hard negatives in every variant
-            train_step(model, micro_batches(tokenizer, step, args.batch_size, cfg.vision.image_size), optimizer,
-                       precision, tc, env)
+            # one micro-batch: alternately short and long captions, so that both widths' graphs replay
+            count = args.micro_batches
+            batches = micro_batches(tokenizer, step, args.batch_size, cfg.vision.image_size, count=2)
+            train_step(model, batches if count == 2 else batches[step % 2:][:1], optimizer, precision, tc, env)
             step += 1
     return grads, lora_norms
 
@@ -94,6 +98,9 @@ def main() -> None:
     p.add_argument("--steps", type=int, default=3, help="steps per phase")
     p.add_argument("--batch_size", type=int, default=32, help="per micro-batch")
     p.add_argument("--tolerance", type=float, default=0.02)
+    p.add_argument("--micro_batches", type=int, default=2, choices=[1, 2],
+                   help="per step; with 1 the trainer leaves gradients in the graphs' memory (no buffers), and the "
+                        "unsafe variant is the same thing, so it is not run")
     p.add_argument("--tiny", action="store_true", help="a tiny model (CPU smoke test of the script)")
     p.add_argument("--scope", default="modules", choices=["modules", "forward"],
                    help="train.compile_scope of the CUDA-graph variants (the reference compiles per submodule)")
@@ -116,6 +123,7 @@ def main() -> None:
         tokenizer = random_word_tokenizer(cfg.text.vocab_size, cfg.text.max_length)
         results = {"device": torch.cuda.get_device_name() if device.type == "cuda" else "cpu",
                    "torch": torch.__version__, "steps_per_phase": args.steps, "batch_size": args.batch_size,
+                   "micro_batches": args.micro_batches,
                    "scope": args.scope,
                    "variants": {}}
         reference, reference_lora = run_variant("default", args, cfg, tokenizer, device)
@@ -123,7 +131,7 @@ def main() -> None:
         print("default", json.dumps(results["variants"]["default"]), flush=True)
         phase2 = slice(args.steps, None)
         failed = not all(n > 0 for n in reference_lora[phase2])
-        for name in ("reduce-overhead", "unsafe"):
+        for name in ("reduce-overhead", "unsafe")[: 2 if args.micro_batches == 2 else 1]:
             try:
                 grads, lora_norms = run_variant(name, args, cfg, tokenizer, device)
                 errors = [relative_error(g, r) for g, r in zip(grads, reference)]

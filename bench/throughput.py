@@ -34,7 +34,7 @@ from transformers import Dinov2Config  # noqa: E402
 from loravl.config import DataConfig, ModelConfig, VisionConfig, TextConfig  # noqa: E402
 from loravl.model import VisionLanguageModel  # noqa: E402
 from loravl.text import CaptionTokenizer, train_tokenizer  # noqa: E402
-from loravl.train import allocate_grads  # noqa: E402
+from loravl.train import INPUT_KEYS, allocate_grads, to_device  # noqa: E402
 
 
 _rng = random.Random(0)
@@ -145,8 +145,9 @@ def make_optimizer(model, device, lr=1e-4):
 
 
 def train_step(model, optimizer, batch, autocast_dtype, graphs: bool = False):
-    """What the trainer does per step: autocast forward, backward, clip, optimizer step. ``graphs``: the model
-    replays CUDA graphs, so gradients stay allocated (loravl.train.allocate_grads says why)."""
+    """What the trainer does per step of one micro-batch: autocast forward, backward, clip, optimizer step.
+    ``graphs``: keep gradient buffers allocated and accumulate into them, as the trainer does with CUDA graphs and
+    several micro-batches (loravl.train.allocate_grads says why); with one micro-batch it does not."""
     params = [p for _, p in model.trainable_parameters()]
     if graphs:
         allocate_grads(params)
@@ -210,7 +211,7 @@ def profile_step(model, optimizer, batch, dtype, path: Path, graphs: bool, label
             target.__dict__.pop(name, None)
 
 
-def profile_calls(fn, path: Path, calls: int = 2) -> None:
+def profile_calls(fn, path: Path, calls: int = 4) -> None:
     from torch.profiler import ProfilerActivity, profile
     activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if torch.cuda.is_available() else [])
     with profile(activities=activities) as prof:
@@ -235,6 +236,21 @@ def profile_calls(fn, path: Path, calls: int = 2) -> None:
                               e.cpu_time_total / max(e.count, 1) / 1e3)
         lines.append(f"{e.key:<60}{e.count:>7}{device_ms:>16.3f}{host_ms:>14.3f}")
     path.parent.mkdir(parents=True, exist_ok=True)
+    gaps = ""
+    if cuda:  # the calls ran back to back: where the GPU waited between and inside them (bench/trace_gaps.py)
+        import gzip
+        import shutil
+
+        import trace_gaps
+
+        trace = path.with_suffix(".json")
+        prof.export_chrome_trace(str(trace))
+        with open(trace, "rb") as src, gzip.open(f"{trace}.gz", "wb") as dst:
+            shutil.copyfileobj(src, dst)
+        trace.unlink()
+        gaps = trace_gaps.report(trace_gaps.analyse(trace_gaps.load_events(Path(f"{trace}.gz")), 5.0, 2.0),
+                                 calls, 25)
+        lines += ["", gaps]
     path.write_text("\n".join(lines) + "\n\n" + table.table(sort_by=sort, row_limit=40, max_name_column_width=60)
                     + "\n\n" + table.table(sort_by="cpu_time_total", row_limit=25, max_name_column_width=60))
     print("\n".join(lines), flush=True)
@@ -351,6 +367,10 @@ def bench_steps(timer, device, args, tokenizer, dinov2_dir, matmul_tflops) -> li
              # The whole training forward as one graph (compile scope forward); the encoder is inside it.
              "forward": (f"{fast} compiled forward", "sdpa", bf16, False, True, "default", "default", "forward"),
              "forward_ro": (f"{fast} compiled forward, CUDA graphs", "sdpa", bf16, False, True, ro, ro, "forward"),
+             # The same with gradient buffers kept and accumulated into (the trainer with several micro-batches,
+             # and with one before 2026-12-01's third session): one add kernel per trainable tensor.
+             "forward_ro_buffers": (f"{fast} compiled forward, CUDA graphs, gradient buffers", "sdpa", bf16, False,
+                                    True, ro, ro, "forward"),
              # max-autotune: GEMMs autotuned against Triton templates (which can fuse their epilogues, the GELU
              # after fc1 say), CUDA graphs too; compiles for much longer.
              "forward_ma": (f"{fast} compiled forward, max-autotune", "sdpa", bf16, False, True, "max-autotune",
@@ -370,7 +390,7 @@ def bench_steps(timer, device, args, tokenizer, dinov2_dir, matmul_tflops) -> li
         try:  # rows are appended phase by phase, so a failing phase keeps the figures before it
             bench_step_variant(timer, device, args, tokenizer, dinov2_dir, matmul_tflops, step_flops, rows, label,
                                attn, dtype, compile_encoder, compile_model, model_mode, encoder_mode, scope,
-                               profile=name in profiled)
+                               profile=name in profiled, grad_buffers=name.endswith("_buffers"))
         except Exception as e:  # one failing variant must not lose the others' figures
             rows.append({"name": f"step {label} FAILED", "error": f"{type(e).__name__}: {str(e)[:400]}"})
         for row in rows[before:]:
@@ -380,7 +400,8 @@ def bench_steps(timer, device, args, tokenizer, dinov2_dir, matmul_tflops) -> li
 
 
 def bench_step_variant(timer, device, args, tokenizer, dinov2_dir, matmul_tflops, step_flops, rows, label, attn,
-                       dtype, compile_encoder, compile_model, model_mode, encoder_mode, scope, profile) -> None:
+                       dtype, compile_encoder, compile_model, model_mode, encoder_mode, scope, profile,
+                       grad_buffers=False) -> None:
     model = build_model(args, model_config(args, dinov2_dir, attn), tokenizer, device,
                         compile_encoder=compile_encoder, compile_model=compile_model, model_mode=model_mode,
                         encoder_mode=encoder_mode, model_scope=scope)
@@ -390,8 +411,8 @@ def bench_step_variant(timer, device, args, tokenizer, dinov2_dir, matmul_tflops
         optimizer = make_optimizer(model, device)
         counter = iter(range(10**9))
         reset_peak(device)
-        graphs = bool({"reduce-overhead", "max-autotune"} & {model_mode if compile_model else None,
-                                                             encoder_mode if compile_encoder else None})
+        graphs = grad_buffers and bool({"reduce-overhead", "max-autotune"} & {model_mode if compile_model else None,
+                                                                              encoder_mode if compile_encoder else None})
         t = timer(lambda: train_step(model, optimizer, batches[next(counter) % 4], dtype, graphs),
                   warmup=args.warmup, iters=args.steps, pipelined=True)
         rows.append({"name": f"step phase {phase} {label}", "images_per_s": args.batch_size / t["pipelined_s"],
@@ -442,17 +463,19 @@ def bench_loader(timer, device, args, tokenizer, dinov2_dir) -> list[dict]:
     loader = build_dataloader(dataset, data_cfg, args.batch_size, train=True, seed=0, tokenize=tokenizer)
     rows = []
 
-    # The loader alone, into pinned batches of 224 px tensors.
-    n_batches = min(args.loader_batches, len(dataset) // args.batch_size - 1)
+    # The loader alone, into pinned batches of 224 px tensors, at its steady rate: batches taken as fast as they
+    # come, timed after the first two per worker (the workers' start).
+    per_epoch = len(dataset) // args.batch_size
+    n_batches = min(args.loader_batches, per_epoch)
     it = iter(loader)
-    next(it)
-    t0 = time.perf_counter()
+    stamps = []
     for _ in range(n_batches):
         next(it)
-    loader_s = time.perf_counter() - t0
-    rows.append({"name": f"loader alone ({args.workers} workers)",
-                 "images_per_s": n_batches * args.batch_size / loader_s,
-                 "median_s": loader_s / n_batches, "jpeg_write_s": write_s})
+        stamps.append(time.perf_counter())
+    skip = min(2 * args.workers, n_batches // 2)
+    loader_s = (stamps[-1] - stamps[skip]) / (n_batches - 1 - skip)
+    rows.append({"name": f"loader alone ({args.workers} workers), steady", "images_per_s": args.batch_size / loader_s,
+                 "median_s": loader_s, "batches_timed": n_batches - 1 - skip, "jpeg_write_s": write_s})
 
     # The fastest step (compiled forward, CUDA graphs on a GPU) fed by the loader, then by synthetic tensors: the
     # same model in the same run, so the difference is the loader's.
@@ -464,26 +487,38 @@ def bench_loader(timer, device, args, tokenizer, dinov2_dir) -> list[dict]:
     model = build_model(args, cfg, tokenizer, device, compile_encoder=False, compile_model=compile_model,
                         model_mode=mode, model_scope="forward")  # the trainer's default: the whole forward
     optimizer = make_optimizer(model, device)
-    keys = ("pixel_values", "input_ids", "attention_mask", "image_ids")
 
-    def step_from_loader():
-        batch = next(it)
-        train_step(model, optimizer, {k: batch[k].to(device, non_blocking=True) for k in keys}, dtype, graphs)
+    def step_from_loader():  # copied to the GPU as the trainer copies its batches
+        train_step(model, optimizer, to_device(next(it), INPUT_KEYS, device), dtype)
 
     it = iter(loader)
-    # Loader batches pad captions to several widths, each compiled once: a longer warm-up, and the median.
+    # Loader batches pad captions to several widths, each compiled once: a longer warm-up.
     warmup = max(args.warmup, 10)
-    # Pipelined (as the trainer runs), then synced: each timed loop takes its own batches.
-    t = timer(step_from_loader, warmup=warmup, iters=min(args.steps, (n_batches - warmup - 1) // 2),
-              pipelined=True)
+    for _ in range(warmup):
+        step_from_loader()
+    timer.sync()
+    # While compiling, the workers filled the loader's prefetch queue (workers x prefetch_factor batches). Timed
+    # from that full queue, a step would not wait for decoding until the queue ran dry. Emptied first, every batch
+    # the timed steps take is one the workers have just made, as in a long run.
+    queued = args.workers * data_cfg.prefetch_factor
+    for _ in range(min(queued, per_epoch - warmup - 2)):
+        next(it)
+    iters = min(args.steps, per_epoch - warmup - queued)
+    if iters < 3:
+        raise SystemExit(f"--num_jpegs: {len(dataset)} images leave {iters} batches to time after the warm-up "
+                         f"({warmup}) and the emptied queue ({queued}); give more")
+    t0 = time.perf_counter()
+    for _ in range(iters):
+        step_from_loader()
+    timer.sync()
+    step_s = (time.perf_counter() - t0) / iters
     label = "compiled forward, CUDA graphs" if graphs else ("compiled forward" if compile_model else "eager")
-    rows.append({"name": f"step phase 1 {label}, fed by JPEG loader",
-                 "images_per_s": args.batch_size / t["pipelined_s"],
-                 "synced_images_per_s": args.batch_size / t["median_s"], **t})
+    rows.append({"name": f"step phase 1 {label}, fed by JPEG loader (queue emptied first)",
+                 "images_per_s": args.batch_size / step_s, "pipelined_s": step_s, "iters": iters})
     batches = [synthetic_batch(args, tokenizer, device, seed=s) for s in range(4)]
     counter = iter(range(10**9))
-    t = timer(lambda: train_step(model, optimizer, batches[next(counter) % 4], dtype, graphs), warmup=args.warmup,
-              iters=min(args.steps, (n_batches - warmup - 1) // 2), pipelined=True)
+    t = timer(lambda: train_step(model, optimizer, batches[next(counter) % 4], dtype), warmup=args.warmup,
+              iters=max(iters, 10), pipelined=True)
     rows.append({"name": f"step phase 1 {label}, synthetic tensors", "images_per_s": args.batch_size / t["pipelined_s"],
                  "synced_images_per_s": args.batch_size / t["median_s"], **t})
     return rows
@@ -544,8 +579,8 @@ def main() -> None:
     p.add_argument("--profile_variants", default="",
                    help="step variants to profile with --profile_dir (default: the first)")
     p.add_argument("--workers", type=int, default=max(1, (os.cpu_count() or 2) - 2))
-    p.add_argument("--num_jpegs", type=int, default=8000)
-    p.add_argument("--loader_batches", type=int, default=40)
+    p.add_argument("--num_jpegs", type=int, default=12000)
+    p.add_argument("--loader_batches", type=int, default=80, help="batches the loader-alone row takes")
     p.add_argument("--jpeg_dir", default="")
     p.add_argument("--profile_dir", default="", help="write a profiler table of one step per phase here")
     p.add_argument("--tiny", action="store_true", help="tiny model for a CPU smoke test")
@@ -599,7 +634,7 @@ def main() -> None:
             continue
         peak = f"{r['peak_gib']:.1f}" if r.get("peak_gib") is not None else "-"
         mfu = f"{100 * r['mfu']:.1f}%" if r.get("mfu") is not None else "-"
-        per_call = r.get("pipelined_s", r["median_s"])  # steps: back to back, as the trainer runs them
+        per_call = r["pipelined_s"] if "pipelined_s" in r else r["median_s"]  # steps: back to back, as trained
         print(f"{r['name']:<54}{r['images_per_s']:>10.0f}{1e3 * per_call:>10.1f}{peak:>10}{mfu:>8}")
     Path(args.out).write_text(json.dumps(results, indent=2))
 

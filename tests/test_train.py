@@ -308,3 +308,53 @@ def test_train_step_with_cuda_graphs_keeps_gradient_buffers(tiny_model_config, t
             assert None not in storages[0] and storages[0] == storages[1]
             assert all(not p.grad.any() for p in params)  # zeroed in place for the next step
     assert all(torch.allclose(a, b, atol=1e-6) for a, b in zip(results["default"], results["reduce-overhead"]))
+
+
+def test_train_step_with_cuda_graphs_and_one_micro_batch_keeps_no_buffers(tiny_model_config, tiny_tokenizer):
+    """One micro-batch per step: nothing to accumulate, so no gradient buffers (and no add kernel per tensor); the
+    gradients are dropped after the optimizer step, and the weights move exactly as with the default step."""
+    from collections import Counter
+
+    from conftest import tiny_batch
+    from loravl.config import TrainConfig
+    from loravl.model import VisionLanguageModel
+    from loravl.train import DistributedEnv, build_optimizer, choose_precision, train_step
+
+    env = DistributedEnv(rank=0, local_rank=0, world_size=1, device=torch.device("cpu"))
+    results = {}
+    for mode in ("default", "reduce-overhead"):
+        tc = TrainConfig(compile=True, compile_mode=mode, lr=1e-3)
+        torch.manual_seed(0)
+        model = VisionLanguageModel(tiny_model_config, tiny_tokenizer).train()
+        optimizer = build_optimizer(model, tc, env.device)
+        params = [p for group in optimizer.param_groups for p in group["params"]]
+        for step in range(2):
+            torch.manual_seed(step)
+            batch = {**tiny_batch(tiny_tokenizer, 4, image_ids=[4 * step + j for j in range(4)], seed=step),
+                     "skipped": Counter()}
+            train_step(model, [batch], optimizer, choose_precision("no", env.device), tc, env)
+            assert all(p.grad is None for p in params), mode
+        results[mode] = [p.detach().clone() for p in params]
+    assert all(torch.equal(a, b) for a, b in zip(results["default"], results["reduce-overhead"]))
+
+
+def test_profile_trace_and_tensorboard_interval_means(tmp_path, data_root):
+    """train.profile_dir: one trace and one operator table for steps profile_start_step+1 .. +profile_steps, named
+    so, and a log line that says where; training goes on to its end. TensorBoard gets the mean of each log
+    interval at its log step; steps.jsonl every step."""
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    run(run_args(tmp_path, data_root, 16, "--train.epochs", "2", "--train.profile_dir", str(tmp_path / "prof"),
+                 "--train.profile_start_step", "2", "--train.profile_steps", "3", "--train.log_every", "4"))
+    events = EventAccumulator(str(tmp_path / "logs")).Reload()
+    steps = read_steps(tmp_path)
+    logged = [(e.step, e.value) for e in events.Scalars("train/loss")]
+    assert [s for s, _ in logged] == [4, 8]
+    for step, value in logged:
+        assert value == pytest.approx(sum(steps[s]["loss"] for s in range(step - 3, step + 1)) / 4, rel=1e-5)
+    assert sorted(p.name for p in (tmp_path / "prof").iterdir()) == ["rank0_steps3-5.json", "rank0_steps3-5_ops.txt"]
+    events = json.loads((tmp_path / "prof" / "rank0_steps3-5.json").read_text())["traceEvents"]
+    assert any(e.get("name") == "Optimizer.step#AdamW.step" for e in events)
+    assert "aten::" in (tmp_path / "prof" / "rank0_steps3-5_ops.txt").read_text()
+    assert f"Profiled steps 3-5: {tmp_path / 'prof' / 'rank0_steps3-5.json'}" in log_text(tmp_path)
+    assert max(read_steps(tmp_path)) == 8

@@ -267,6 +267,12 @@ class TrainConfig:
     compile_scope: str = "forward"
     seed: int = 42
     log_every: int = 50
+    # A profile of profile_steps optimizer steps after step profile_start_step (past compilation) in profile_dir:
+    # a Chrome trace per rank (chrome://tracing or ui.perfetto.dev; bench/trace_gaps.py reads where the GPU
+    # waits) and the top operators. Empty: no profiling.
+    profile_dir: str = ""
+    profile_start_step: int = 20
+    profile_steps: int = 5
     save_every: int = 1000
     keep_last: int = 3
     max_bad_steps: int = 10
@@ -303,6 +309,8 @@ class TrainConfig:
         _check(self.compile_mode in COMPILE_MODES, prefix, "compile_mode", f"must be one of {', '.join(COMPILE_MODES)}")
         _check(self.compile_scope in ("forward", "modules"), prefix, "compile_scope", "must be 'forward' or 'modules'")
         _check(self.log_every > 0, prefix, "log_every", "must be > 0")
+        _check(self.profile_start_step >= 0, prefix, "profile_start_step", "must be >= 0")
+        _check(self.profile_steps > 0, prefix, "profile_steps", "must be > 0")
         _check(self.save_every > 0, prefix, "save_every", "must be > 0")
         _check(self.keep_last > 0, prefix, "keep_last", "must be > 0")
         _check(self.max_bad_steps > 0, prefix, "max_bad_steps", "must be > 0")

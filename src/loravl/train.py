@@ -31,6 +31,7 @@ import torch.distributed as dist
 from torch import nn
 from torch.nn.parallel import DistributedDataParallel as DDP
 from torch.optim.lr_scheduler import LambdaLR
+from torch.profiler import record_function  # labels in train.profile_dir's traces
 
 from .checkpoint import (LATEST, Checkpointer, ModelWeights, RNGState, TrainState, caption_tokenizer,
                          read_train_state, resolve_checkpoint)
@@ -42,6 +43,7 @@ from .text import CaptionTokenizer, train_tokenizer
 logger = logging.getLogger("loravl.train")
 
 LOSS_NAMES = ("loss_itc", "loss_itm", "loss_lm", "loss")
+INPUT_KEYS = ("pixel_values", "input_ids", "attention_mask", "image_ids")
 TOKENIZER_MAX_CAPTIONS = 500_000
 
 
@@ -98,6 +100,7 @@ def _train(cfg: RunConfig, env: "DistributedEnv") -> VisionLanguageModel:
         logger.info("Resumed from %s at epoch %d step %d", resume_from, state.epoch, state.step)
 
     metrics = MetricsLogger(Path(tc.log_dir), env, total_steps, tc, start_step=state.step)
+    profiler = StepProfiler(tc, env)
     stop = StopSignal(env)
     last_saved_step = state.step if resume_from is not None else -1
 
@@ -120,6 +123,7 @@ def _train(cfg: RunConfig, env: "DistributedEnv") -> VisionLanguageModel:
         epoch_over = False
         while state.step < total_steps:
             if not state.lora_unfrozen and lora_phase_due(tc, state):
+                metrics.flush()  # phase 1's last log line before phase 2 compiles
                 ddp_model, optimizer, scheduler = unfreeze_lora(model, optimizer, tc, env, total_steps, state)
             micro_batches = next_micro_batches(batches, tc.grad_accum_steps)
             if not micro_batches:
@@ -130,6 +134,7 @@ def _train(cfg: RunConfig, env: "DistributedEnv") -> VisionLanguageModel:
             state.step += 1
             state.step_in_epoch += 1
             metrics.record(state, step_metrics, lrs=scheduler.get_last_lr())
+            profiler.step_done(state.step)
 
             stopping = stop.requested() or (tc.stop_at_step is not None and state.step >= tc.stop_at_step)
             if steps_per_epoch is not None and state.step_in_epoch >= steps_per_epoch:
@@ -144,6 +149,7 @@ def _train(cfg: RunConfig, env: "DistributedEnv") -> VisionLanguageModel:
                 break
 
         if epoch_over:
+            metrics.flush()
             logger.info("Epoch %d done: %s", state.epoch, format_skips(loader))
             state.epoch += 1
             state.step_in_epoch = 0
@@ -152,6 +158,7 @@ def _train(cfg: RunConfig, env: "DistributedEnv") -> VisionLanguageModel:
             save()
     metrics.flush()
     metrics.close()
+    profiler.close(state.step)
     stop.close()
 
     finished = state.step >= total_steps or state.epoch >= tc.epochs
@@ -218,35 +225,51 @@ def train_step(ddp_model: nn.Module, micro_batches: list[dict[str, Any]],
     """
     losses = {name: torch.zeros((), device=env.device) for name in LOSS_NAMES}
     params = [p for group in optimizer.param_groups for p in group["params"]]
-    graphs = uses_cuda_graphs(tc)
-    if graphs:
+    # With CUDA graphs, gradients accumulated over micro-batches need buffers of their own (allocate_grads).
+    # A single micro-batch's gradients can stay the backward graph's outputs: the optimizer reads them before the
+    # next replay, and they are dropped after it. That saves one accumulation kernel per trainable tensor (173 a
+    # step) and its launch.
+    keep_grad_buffers = uses_cuda_graphs(tc) and len(micro_batches) > 1
+    if keep_grad_buffers:
         allocate_grads(params)
     images = 0
     for i, batch in enumerate(micro_batches):
         last = i == len(micro_batches) - 1
         # A new CUDA-graph generation per micro-batch: the last one's graph outputs may be overwritten now.
         torch.compiler.cudagraph_mark_step_begin()
-        inputs = {k: batch[k].to(env.device, non_blocking=True)
-                  for k in ("pixel_values", "input_ids", "attention_mask", "image_ids")}
+        inputs = to_device(batch, INPUT_KEYS, env.device)
         sync = contextlib.nullcontext() if last or not isinstance(ddp_model, DDP) else ddp_model.no_sync()
         with sync:
-            with precision.autocast(env.device):
+            with precision.autocast(env.device), record_function("loravl: forward"):
                 out = ddp_model(**inputs)
             loss = out["loss"] / len(micro_batches)
-            if precision.scaler is not None:
-                precision.scaler.scale(loss).backward()
-            else:
-                loss.backward()
+            with record_function("loravl: backward"):
+                if precision.scaler is not None:
+                    precision.scaler.scale(loss).backward()
+                else:
+                    loss.backward()
         for name in LOSS_NAMES:
             losses[name] += out[name].detach().float() / len(micro_batches)
         images += inputs["pixel_values"].shape[0]
+    with record_function("loravl: optimizer"):
+        grad_norm, bad = clip_and_step(params, optimizer, precision, tc, losses["loss"], keep_grad_buffers)
+    skipped = Counter()
+    for batch in micro_batches:
+        skipped.update(batch["skipped"])
+    return {**losses, "grad_norm": grad_norm.detach().float(), "bad": bad.float(), "images": images,
+            "skipped": skipped}
 
+
+def clip_and_step(params: list[nn.Parameter], optimizer: torch.optim.Optimizer, precision: "Precision",
+                  tc: TrainConfig, loss: torch.Tensor,
+                  keep_grad_buffers: bool) -> tuple[torch.Tensor, torch.Tensor]:
+    """Clip the gradients, step (skipped on the device where not finite), zero them; (gradient norm, skipped)."""
     if precision.scaler is not None:
         precision.scaler.unscale_(optimizer)
     grad_norm = torch.nn.utils.clip_grad_norm_(params, tc.max_grad_norm if tc.max_grad_norm > 0 else math.inf,
                                                foreach=True)
     if precision.scaler is not None:
-        bad = ~torch.isfinite(losses["loss"])  # inf gradients are the scaler's business (it backs off)
+        bad = ~torch.isfinite(loss)  # inf gradients are the scaler's business (it backs off)
         precision.scaler.step(optimizer)
         precision.scaler.update()
     else:
@@ -254,12 +277,28 @@ def train_step(ddp_model: nn.Module, micro_batches: list[dict[str, Any]],
         optimizer.found_inf = bad.float()  # read by fused AdamW: skip the update where set
         optimizer.step()
         del optimizer.found_inf
-    optimizer.zero_grad(set_to_none=not graphs)
-    skipped = Counter()
-    for batch in micro_batches:
-        skipped.update(batch["skipped"])
-    return {**losses, "grad_norm": grad_norm.detach().float(), "bad": bad.float(), "images": images,
-            "skipped": skipped}
+    optimizer.zero_grad(set_to_none=not keep_grad_buffers)
+    return grad_norm, bad
+
+
+def to_device(batch: dict[str, Any], keys: tuple[str, ...], device: torch.device) -> dict[str, torch.Tensor]:
+    """The step's inputs on ``device``. On a GPU they are copied on a stream of their own, which the step's stream
+    then waits for: the host runs ahead of the GPU, so the copy (19 MB of pixels at batch 128) overlaps the end
+    of the previous step instead of running in line between two steps."""
+    if device.type != "cuda":
+        return {k: batch[k].to(device) for k in keys}
+    step_stream, copy_stream = torch.cuda.current_stream(device), input_copy_stream(device)
+    with torch.cuda.stream(copy_stream):
+        inputs = {k: batch[k].to(device, non_blocking=True) for k in keys}
+    step_stream.wait_stream(copy_stream)
+    for tensor in inputs.values():
+        tensor.record_stream(step_stream)  # their memory is not reused before the step is done with them
+    return inputs
+
+
+@functools.lru_cache(maxsize=None)
+def input_copy_stream(device: torch.device) -> torch.cuda.Stream:
+    return torch.cuda.Stream(device)
 
 
 def uses_cuda_graphs(tc: TrainConfig) -> bool:
@@ -280,6 +319,7 @@ def allocate_grads(params: list[nn.Parameter]) -> None:
             p.grad = torch.zeros_like(p)
 
 
+@record_function("loravl: next batch")
 def next_micro_batches(batches: Iterator[dict[str, Any]], count: int) -> list[dict[str, Any]]:
     """Up to ``count`` batches for one optimizer step; [] at the end of the epoch.
 
@@ -452,6 +492,50 @@ class StopSignal:
             self._pending = None
         for sig in (signal.SIGTERM, signal.SIGINT):
             signal.signal(sig, signal.SIG_DFL)
+
+
+class StepProfiler:
+    """``train.profile_dir``: ``torch.profiler`` over the ``profile_steps`` steps after step ``profile_start_step``,
+    on every rank. Writes ``rank<r>_steps<a>-<b>.json`` (a Chrome trace: chrome://tracing, ui.perfetto.dev, or
+    ``python bench/trace_gaps.py`` for where the GPU waits) and ``rank<r>_steps<a>-<b>_ops.txt`` (the top
+    operators by device and by host time)."""
+
+    def __init__(self, tc: TrainConfig, env: DistributedEnv):
+        self.folder = Path(tc.profile_dir) if tc.profile_dir else None
+        self.start_after, self.stop_after = tc.profile_start_step, tc.profile_start_step + tc.profile_steps
+        self.env = env
+        self.profiler: Optional[torch.profiler.profile] = None
+
+    def step_done(self, step: int) -> None:
+        if self.folder is None:
+            return
+        if self.profiler is None and step == self.start_after:
+            activities = [torch.profiler.ProfilerActivity.CPU]
+            if self.env.device.type == "cuda":
+                activities.append(torch.profiler.ProfilerActivity.CUDA)
+            self.profiler = torch.profiler.profile(activities=activities)
+            self.profiler.start()
+        elif self.profiler is not None and step >= self.stop_after:
+            self.close(step)
+
+    def close(self, step: int) -> None:
+        """Stop (at the end of the window, or when training ends inside it) and write the files."""
+        if self.profiler is None or self.folder is None:
+            return
+        if self.env.device.type == "cuda":
+            torch.cuda.synchronize(self.env.device)  # the last step's kernels belong in the trace
+        profiler, self.profiler = self.profiler, None
+        profiler.stop()
+        self.folder.mkdir(parents=True, exist_ok=True)
+        stem = self.folder / f"rank{self.env.rank}_steps{self.start_after + 1}-{step}"
+        profiler.export_chrome_trace(str(stem.with_suffix(".json")))
+        table = profiler.key_averages()
+        by_device = "self_cuda_time_total" if self.env.device.type == "cuda" else "self_cpu_time_total"
+        stem.with_name(stem.name + "_ops.txt").write_text(
+            table.table(sort_by=by_device, row_limit=40, max_name_column_width=80) + "\n\n"
+            + table.table(sort_by="self_cpu_time_total", row_limit=40, max_name_column_width=80))
+        logger.info("Profiled steps %d-%d: %s", self.start_after + 1, step, stem.with_suffix(".json"))
+        self.folder = None  # one profile per run
 
 
 # Precision
@@ -648,17 +732,28 @@ def setup_logging(log_dir: Path, rank: int) -> None:
 
 
 class MetricsLogger:
-    """Keeps each step's metrics on the device and reads them back in one go every few steps (log steps, and
-    every ``max_bad_steps`` for the non-finite check): one host sync per flush, not per step.
+    """Keeps each step's metrics on the device and reads them back every few steps (log steps, and every
+    ``max_bad_steps`` for the non-finite check) without waiting for the GPU: the read-back is a copy queued behind
+    the steps, written out at a later step once it has landed. A wait would drain the queue of steps the host has
+    launched ahead, and leave the GPU idle while the host writes the logs. ``flush()`` waits (before a checkpoint,
+    at the end).
 
     Rank 0 writes ``<log_dir>/steps.jsonl`` (one line per step; a resumed run appends, the last line of a step
-    wins), TensorBoard scalars and the log line. Values are averaged over ranks.
+    wins), the log line and, at log steps, TensorBoard scalars (the interval's means). Values are averaged over
+    ranks.
     """
+
+    NAMES = (*LOSS_NAMES, "grad_norm", "bad")
+    SCALARS = (*LOSS_NAMES, "grad_norm")
 
     def __init__(self, log_dir: Path, env: DistributedEnv, total_steps: int, tc: TrainConfig, start_step: int):
         self.env, self.total_steps, self.tc = env, total_steps, tc
         self.pending: list[tuple[int, int, int, dict[str, Any], list[float]]] = []
+        # Read-backs on their way to the host: (steps, host tensor, CUDA event or None), oldest first.
+        self.in_flight: list[tuple[list, torch.Tensor, Optional[torch.cuda.Event]]] = []
         self.bad_streak = 0
+        self.interval_sums: Counter = Counter()  # TensorBoard's means over the current log interval
+        self.interval_steps = 0
         self.flush_every = min(tc.log_every, tc.max_bad_steps)
         self.last_time, self.last_step, self.images = time.perf_counter(), start_step, 0
         self.writer = self.jsonl = self.progress = None
@@ -672,35 +767,64 @@ class MetricsLogger:
 
                 self.progress = tqdm(total=total_steps, initial=start_step, dynamic_ncols=True)
 
+    @record_function("loravl: metrics")
     def record(self, state: TrainState, step_metrics: dict[str, Any], lrs: list[float]) -> None:
         self.pending.append((state.step, state.epoch, state.phase, step_metrics, lrs))
         if self.progress is not None:
             self.progress.update(1)
         if state.step % self.flush_every == 0 or state.step >= self.total_steps:
-            self.flush()
+            self._start_read_back()
+        self._write_landed(wait=False)
 
     def flush(self) -> None:
+        """Write out every step recorded so far (waits for the GPU)."""
+        self._start_read_back()
+        self._write_landed(wait=True)
+
+    def _start_read_back(self) -> None:
         if not self.pending:
             return
-        names = (*LOSS_NAMES, "grad_norm", "bad")
-        values = torch.stack([torch.stack([m[n] for n in names]) for _, _, _, m, _ in self.pending])
-        images = torch.tensor([float(m["images"]) for _, _, _, m, _ in self.pending], device=values.device)
-        values = torch.cat([values, images[:, None]], dim=1)
+        values = torch.stack([torch.stack([m[n] for n in self.NAMES]) for _, _, _, m, _ in self.pending])
         if self.env.world_size > 1:
+            # The image count is a global sum (ranks may have skipped different numbers of samples).
+            images = torch.tensor([float(m["images"]) for _, _, _, m, _ in self.pending],
+                                  pin_memory=values.is_cuda).to(values.device, non_blocking=True)
+            values = torch.cat([values, images[:, None]], dim=1)
             dist.all_reduce(values)
-            values[:, :-1] /= self.env.world_size  # averages, except the image count (a global sum)
-        rows = values.tolist()  # the one host sync
-        pending, self.pending = self.pending, []
+            values[:, :-1] /= self.env.world_size
+        landed = None
+        if values.is_cuda:
+            values = values.to("cpu", non_blocking=True)  # into pinned memory, behind the steps
+            landed = torch.cuda.Event()
+            landed.record()
+        self.in_flight.append((self.pending, values, landed))
+        self.pending = []
+
+    def _write_landed(self, wait: bool) -> None:
+        while self.in_flight:
+            steps, values, landed = self.in_flight[0]
+            if landed is not None and not landed.query():
+                if not wait:
+                    return
+                landed.synchronize()
+            self.in_flight.pop(0)
+            self._write_steps(steps, values.tolist())
+
+    def _write_steps(self, pending: list, rows: list[list[float]]) -> None:
         for (step, epoch, phase, m, lrs), row in zip(pending, rows):
-            record = dict(zip(names, row))
+            record = dict(zip(self.NAMES, row))
             skipped = record.pop("bad") > 0
             self.bad_streak = self.bad_streak + 1 if skipped else 0
-            self.images += int(row[-1])
+            self.images += int(row[len(self.NAMES)]) if self.env.world_size > 1 else m["images"]
             if skipped and self.env.rank == 0:
                 logger.warning("Step %d skipped: non-finite loss or gradients (loss %s, grad norm %s)", step,
                                record["loss"], record["grad_norm"])
             if self.env.rank == 0:
                 self._write(step, epoch, phase, record, lrs, skipped, m["skipped"])
+            if not skipped:
+                for name in self.SCALARS:
+                    self.interval_sums[name] += record[name]
+                self.interval_steps += 1
         step, epoch = pending[-1][0], pending[-1][1]
         if step % self.tc.log_every == 0 or step >= self.total_steps:
             self._log_line(step, epoch, rows[-1], pending[-1][4])
@@ -713,10 +837,6 @@ class MetricsLogger:
         line = {"step": step, "epoch": epoch, "phase": phase, **{k: record[k] for k in (*LOSS_NAMES, "grad_norm")},
                 "lr": lrs, "skipped_step": skipped, "skipped_samples": sum(skip_counts.values())}
         self.jsonl.write(json.dumps(line) + "\n")
-        for name in (*LOSS_NAMES, "grad_norm"):
-            self.writer.add_scalar(f"train/{name}", record[name], step)
-        for i, lr in enumerate(lrs):
-            self.writer.add_scalar(f"lr/group_{i}", lr, step)
 
     def _log_line(self, step: int, epoch: int, row: list[float], lrs: list[float]) -> None:
         now = time.perf_counter()
@@ -733,7 +853,16 @@ class MetricsLogger:
                     losses, lr_text, images_per_s, memory, time.strftime("%H:%M:%S", time.gmtime(eta)))
         if self.jsonl is not None:
             self.jsonl.flush()
+            # TensorBoard gets each log interval's mean (its steps that were not skipped), not every step: a
+            # scalar costs ~70 us of Python, and ten steps' worth took 18 ms of the host's time on the H200 while
+            # the GPU waited (bench/trace_gaps.py on a train.profile_dir trace). steps.jsonl keeps every step.
+            for name in self.SCALARS:
+                if self.interval_steps:
+                    self.writer.add_scalar(f"train/{name}", self.interval_sums[name] / self.interval_steps, step)
+            for i, lr in enumerate(lrs):
+                self.writer.add_scalar(f"lr/group_{i}", lr, step)
             self.writer.add_scalar("perf/images_per_s", images_per_s, step)
+        self.interval_sums, self.interval_steps = Counter(), 0
 
     def close(self) -> None:
         if self.env.rank == 0:
