@@ -341,7 +341,7 @@ def test_train_step_with_cuda_graphs_and_one_micro_batch_keeps_no_buffers(tiny_m
 def test_profile_trace_and_tensorboard_interval_means(tmp_path, data_root):
     """train.profile_dir: one trace and one operator table for steps profile_start_step+1 .. +profile_steps, named
     so, and a log line that says where; training goes on to its end. TensorBoard gets the mean of each log
-    interval at its log step; steps.jsonl every step."""
+    interval at its log step (steps.jsonl every step), and the share of it spent waiting for data."""
     from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
     run(run_args(tmp_path, data_root, 16, "--train.epochs", "2", "--train.profile_dir", str(tmp_path / "prof"),
@@ -352,6 +352,10 @@ def test_profile_trace_and_tensorboard_interval_means(tmp_path, data_root):
     assert [s for s, _ in logged] == [4, 8]
     for step, value in logged:
         assert value == pytest.approx(sum(steps[s]["loss"] for s in range(step - 3, step + 1)) / 4, rel=1e-5)
+    # No loader workers here: every batch is loaded while the trainer waits, a part of each interval but not all.
+    waits = [e.value for e in events.Scalars("perf/data_wait_fraction")]
+    assert len(waits) == 2 and all(0 < w < 1 for w in waits), waits
+    assert "% | eta" in log_text(tmp_path) and "data wait " in log_text(tmp_path)
     assert sorted(p.name for p in (tmp_path / "prof").iterdir()) == ["rank0_steps3-5.json", "rank0_steps3-5_ops.txt"]
     events = json.loads((tmp_path / "prof" / "rank0_steps3-5.json").read_text())["traceEvents"]
     assert any(e.get("name") == "Optimizer.step#AdamW.step" for e in events)

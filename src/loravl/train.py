@@ -125,7 +125,8 @@ def _train(cfg: RunConfig, env: "DistributedEnv") -> VisionLanguageModel:
             if not state.lora_unfrozen and lora_phase_due(tc, state):
                 metrics.flush()  # phase 1's last log line before phase 2 compiles
                 ddp_model, optimizer, scheduler = unfreeze_lora(model, optimizer, tc, env, total_steps, state)
-            micro_batches = next_micro_batches(batches, tc.grad_accum_steps)
+            with metrics.waiting_for_data():
+                micro_batches = next_micro_batches(batches, tc.grad_accum_steps)
             if not micro_batches:
                 epoch_over = True
                 break
@@ -756,6 +757,7 @@ class MetricsLogger:
         self.interval_steps = 0
         self.flush_every = min(tc.log_every, tc.max_bad_steps)
         self.last_time, self.last_step, self.images = time.perf_counter(), start_step, 0
+        self.data_wait_s = 0.0  # the host's wait for batches since the last log line
         self.writer = self.jsonl = self.progress = None
         if env.rank == 0:
             from torch.utils.tensorboard import SummaryWriter
@@ -838,19 +840,31 @@ class MetricsLogger:
                 "lr": lrs, "skipped_step": skipped, "skipped_samples": sum(skip_counts.values())}
         self.jsonl.write(json.dumps(line) + "\n")
 
+    @contextlib.contextmanager
+    def waiting_for_data(self) -> Iterator[None]:
+        """Times the wait for the next batch. The host runs ahead of the GPU, so it waits here only when the data
+        loader cannot keep up: the log line's ``data wait`` is that share of the interval."""
+        started = time.perf_counter()
+        try:
+            yield
+        finally:
+            self.data_wait_s += time.perf_counter() - started
+
     def _log_line(self, step: int, epoch: int, row: list[float], lrs: list[float]) -> None:
         now = time.perf_counter()
         elapsed, steps = now - self.last_time, step - self.last_step
         images_per_s = self.images / elapsed if elapsed > 0 else 0.0
+        data_wait = min(1.0, self.data_wait_s / elapsed) if elapsed > 0 else 0.0
         eta = (self.total_steps - step) * elapsed / max(steps, 1)
-        self.last_time, self.last_step, self.images = now, step, 0
+        self.last_time, self.last_step, self.images, self.data_wait_s = now, step, 0, 0.0
         losses = " ".join(f"{n} {v:.4f}" for n, v in zip(LOSS_NAMES, row))
         memory = ""
         if self.env.device.type == "cuda":
             memory = f" | mem {torch.cuda.max_memory_allocated(self.env.device) / 2**30:.1f}GiB"
         lr_text = ",".join(f"{lr:.2e}" for lr in lrs)
-        logger.info("epoch %d | step %d/%d | %s | lr %s | %.1f img/s%s | eta %s", epoch, step, self.total_steps,
-                    losses, lr_text, images_per_s, memory, time.strftime("%H:%M:%S", time.gmtime(eta)))
+        logger.info("epoch %d | step %d/%d | %s | lr %s | %.1f img/s | data wait %.0f%%%s | eta %s", epoch, step,
+                    self.total_steps, losses, lr_text, images_per_s, 100 * data_wait, memory,
+                    time.strftime("%H:%M:%S", time.gmtime(eta)))
         if self.jsonl is not None:
             self.jsonl.flush()
             # TensorBoard gets each log interval's mean (its steps that were not skipped), not every step: a
@@ -862,6 +876,7 @@ class MetricsLogger:
             for i, lr in enumerate(lrs):
                 self.writer.add_scalar(f"lr/group_{i}", lr, step)
             self.writer.add_scalar("perf/images_per_s", images_per_s, step)
+            self.writer.add_scalar("perf/data_wait_fraction", data_wait, step)
         self.interval_sums, self.interval_steps = Counter(), 0
 
     def close(self) -> None:
