@@ -9,6 +9,10 @@ compiled), switching LoRA on after ``--lora_warmup_steps`` steps, and reads imag
 all ranks; the first log intervals, which hold compilation, are left out). Then, at the largest count, it kills
 the run right after a checkpoint with SIGKILL, runs ``--resume latest`` and checks that training continues from
 that step. Prints a table and writes ``results.json`` under ``--out``.
+
+Each interval's data wait (the share of it rank 0 waited for its loader) says who set the pace: near 0 while the
+prefetch queue that the workers filled during compilation lasts, well above 0 where decoding did. Read scaling
+from intervals where it is near 0 in every run; a run longer than the queue shows both.
 """
 from __future__ import annotations
 
@@ -28,7 +32,7 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / "bench"))
 
-LINE = re.compile(r"step (\d+)/\d+ .*\| ([\d.]+) img/s")
+LINE = re.compile(r"step (\d+)/\d+ .*\| ([\d.]+) img/s(?: \| data wait (\d+)%)?")
 # NVLink multicast stays off on shared hosts (device README).
 ENV = {**os.environ, "NCCL_NVLS_ENABLE": "0", "TORCH_SYMM_MEM_DISABLE_MULTICAST": "1", "NVSHMEM_DISABLE_NVLS": "1",
        "PYTHONUNBUFFERED": "1"}
@@ -46,11 +50,28 @@ def trainer_command(n: int, args, run_dir: Path, manifest: Path, extra: list[str
             *shlex.split(args.extra), *extra]
 
 
+def log_intervals(log: Path) -> list[dict]:
+    """Each log line's step, img/s and data wait (the share of the interval rank 0 waited for its loader)."""
+    out = []
+    for m in map(LINE.search, log.read_text().splitlines()):
+        if m:
+            out.append({"step": int(m.group(1)), "images_per_s": float(m.group(2)),
+                        "data_wait_percent": int(m.group(3)) if m.group(3) else None})
+    return out
+
+
 def images_per_second(log: Path, first_step: int, last_step: int) -> float | None:
     """Median of the logged img/s over log intervals ending in (first_step, last_step]."""
-    rates = [float(m.group(2)) for m in map(LINE.search, log.read_text().splitlines())
-             if m and first_step < int(m.group(1)) <= last_step]
+    rates = [i["images_per_s"] for i in log_intervals(log) if first_step < i["step"] <= last_step]
     return statistics.median(rates) if rates else None
+
+
+def median_data_wait(log: Path, first_step: int, last_step: int) -> float | None:
+    """Median data wait over those intervals. Well above a few percent, the loader set the pace there, not the
+    GPUs: while the workers' prefetch queue (filled during compilation) lasts, it reads near 0."""
+    waits = [i["data_wait_percent"] for i in log_intervals(log)
+             if first_step < i["step"] <= last_step and i["data_wait_percent"] is not None]
+    return statistics.median(waits) if waits else None
 
 
 def run(n: int, args, manifest: Path) -> dict:
@@ -67,6 +88,9 @@ def run(n: int, args, manifest: Path) -> dict:
         "gpus": n, "returncode": proc.returncode, "wall_s": round(time.time() - t0, 1),
         "phase1_images_per_s": images_per_second(log, skip, args.lora_warmup_steps) if text else None,
         "phase2_images_per_s": images_per_second(log, args.lora_warmup_steps + skip, args.steps) if text else None,
+        "phase1_data_wait_percent": median_data_wait(log, skip, args.lora_warmup_steps) if text else None,
+        "phase2_data_wait_percent": median_data_wait(log, args.lora_warmup_steps + skip, args.steps) if text else None,
+        "intervals": log_intervals(log) if text else [],
         "phase1_lines": text.count("Phase 1: LoRA adapters FROZEN"),
         "phase2_lines": text.count("Phase 2: LoRA adapters UNFROZEN"),
         "replica_checks": re.findall(r"Replica check at step \d+: .*", text),
@@ -181,12 +205,18 @@ def main() -> None:
         print(json.dumps(results["resume"]), flush=True)
     (out / "results.json").write_text(json.dumps(results, indent=2))
 
-    print(f"\n{'GPUs':>4} {'phase 1 img/s':>14} {'per GPU':>8} {'eff.':>6} {'phase 2 img/s':>14} {'per GPU':>8} {'eff.':>6}")
+    for r in results["runs"]:  # a loader-bound stretch shows as data wait well above 0
+        print(f"{r['gpus']} GPU(s), step: img/s (data wait %): " + ", ".join(
+            f"{i['step']}: {i['images_per_s']:.0f} ({i['data_wait_percent']})" for i in r["intervals"]))
+    print(f"\n{'GPUs':>4} {'phase 1 img/s':>14} {'per GPU':>8} {'eff.':>6} {'wait':>5} {'phase 2 img/s':>14} "
+          f"{'per GPU':>8} {'eff.':>6} {'wait':>5}")
     for r in results["runs"]:
         def fmt(phase):
-            v, e = r.get(f"{phase}_images_per_s"), r.get(f"{phase}_scaling_efficiency")
-            return (f"{v:>14.0f} {v / r['gpus']:>8.0f} {e * 100 if e else float('nan'):>5.1f}%" if v
-                    else f"{'-':>14} {'-':>8} {'-':>6}")
+            v, e, w = (r.get(f"{phase}_images_per_s"), r.get(f"{phase}_scaling_efficiency"),
+                       r.get(f"{phase}_data_wait_percent"))
+            wait = f"{w:>4.0f}%" if w is not None else f"{'-':>5}"
+            return (f"{v:>14.0f} {v / r['gpus']:>8.0f} {e * 100 if e else float('nan'):>5.1f}% {wait}" if v
+                    else f"{'-':>14} {'-':>8} {'-':>6} {'-':>5}")
         print(f"{r['gpus']:>4} {fmt('phase1')} {fmt('phase2')}")
 
 
