@@ -362,3 +362,15 @@ def test_profile_trace_and_tensorboard_interval_means(tmp_path, data_root):
     assert "aten::" in (tmp_path / "prof" / "rank0_steps3-5_ops.txt").read_text()
     assert f"Profiled steps 3-5: {tmp_path / 'prof' / 'rank0_steps3-5.json'}" in log_text(tmp_path)
     assert max(read_steps(tmp_path)) == 8
+
+
+def test_a_streak_of_non_finite_steps_stops_the_run_without_saving(tmp_path, data_root):
+    """An infinite loss weight makes every step's gradients non-finite: each step is skipped (recorded as such),
+    and after train.max_bad_steps in a row the run stops with an error naming the setting, saving nothing."""
+    done = run(run_args(tmp_path, data_root, 32, "--train.epochs", "2", "--model.loss.lm_weight", "inf",
+                        "--train.max_bad_steps", "3"), check=False)
+    assert done.returncode != 0
+    assert "3 steps in a row had non-finite losses or gradients (train.max_bad_steps=3)" in done.stderr
+    steps = read_steps(tmp_path)
+    assert sorted(steps) == [1, 2, 3] and all(r["skipped_step"] for r in steps.values())
+    assert not [p for p in (tmp_path / "ckpt").iterdir() if p.name.startswith("step_")]

@@ -735,9 +735,9 @@ def setup_logging(log_dir: Path, rank: int) -> None:
 class MetricsLogger:
     """Keeps each step's metrics on the device and reads them back every few steps (log steps, and every
     ``max_bad_steps`` for the non-finite check) without waiting for the GPU: the read-back is a copy queued behind
-    the steps, written out at a later step once it has landed. A wait would drain the queue of steps the host has
-    launched ahead, and leave the GPU idle while the host writes the logs. ``flush()`` waits (before a checkpoint,
-    at the end).
+    the steps, written out ``READ_BACK_LAG`` steps later, when it has landed. Waiting at once would drain the queue
+    of steps the host has launched ahead, and leave the GPU idle while the host writes the logs. ``flush()`` writes
+    everything (before a checkpoint, at the phase switch and an epoch end, at the end).
 
     Rank 0 writes ``<log_dir>/steps.jsonl`` (one line per step; a resumed run appends, the last line of a step
     wins), the log line and, at log steps, TensorBoard scalars (the interval's means). Values are averaged over
@@ -746,6 +746,7 @@ class MetricsLogger:
 
     NAMES = (*LOSS_NAMES, "grad_norm", "bad")
     SCALARS = (*LOSS_NAMES, "grad_norm")
+    READ_BACK_LAG = 2  # steps between a read-back's start and its writing
 
     def __init__(self, log_dir: Path, env: DistributedEnv, total_steps: int, tc: TrainConfig, start_step: int):
         self.env, self.total_steps, self.tc = env, total_steps, tc
@@ -776,12 +777,12 @@ class MetricsLogger:
             self.progress.update(1)
         if state.step % self.flush_every == 0 or state.step >= self.total_steps:
             self._start_read_back()
-        self._write_landed(wait=False)
+        self._write_landed(up_to_step=state.step - self.READ_BACK_LAG)
 
     def flush(self) -> None:
         """Write out every step recorded so far (waits for the GPU)."""
         self._start_read_back()
-        self._write_landed(wait=True)
+        self._write_landed(up_to_step=None)
 
     def _start_read_back(self) -> None:
         if not self.pending:
@@ -802,14 +803,13 @@ class MetricsLogger:
         self.in_flight.append((self.pending, values, landed))
         self.pending = []
 
-    def _write_landed(self, wait: bool) -> None:
-        while self.in_flight:
-            steps, values, landed = self.in_flight[0]
-            if landed is not None and not landed.query():
-                if not wait:
-                    return
-                landed.synchronize()
-            self.in_flight.pop(0)
+    def _write_landed(self, up_to_step: Optional[int]) -> None:
+        """Write the read-backs of steps up to ``up_to_step`` (None: all), waiting for any still on its way. A fixed
+        step, not whichever has landed, so every rank writes (and stops on a bad streak) at the same step."""
+        while self.in_flight and (up_to_step is None or self.in_flight[0][0][-1][0] <= up_to_step):
+            steps, values, landed = self.in_flight.pop(0)
+            if landed is not None:
+                landed.synchronize()  # READ_BACK_LAG steps later the copy has landed: the host is not that far ahead
             self._write_steps(steps, values.tolist())
 
     def _write_steps(self, pending: list, rows: list[list[float]]) -> None:
