@@ -22,6 +22,7 @@ import statistics
 import sys
 import tempfile
 import time
+from typing import Optional
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -116,11 +117,15 @@ def model_config(args, dinov2_dir: str, attn: str) -> ModelConfig:
 
 def build_model(args, cfg: ModelConfig, tokenizer, device, compile_encoder: bool,
                 compile_model: bool = False, model_mode: str = "default",
-                encoder_mode: str = "default", model_scope: str = "modules") -> VisionLanguageModel:
+                encoder_mode: str = "default", model_scope: str = "modules",
+                frozen_dtype: Optional[torch.dtype] = None) -> VisionLanguageModel:
     """``*_mode``: torch.compile's mode for the model (``model_scope``: its heavy submodules, or the whole training
-    forward) and for the encoder alone."""
+    forward) and for the encoder alone. ``frozen_dtype``: store the frozen encoder weights in it, as the trainer
+    does under bf16 on a GPU."""
     torch.manual_seed(0)
     model = VisionLanguageModel(cfg, tokenizer).to(device).train()
+    if frozen_dtype is not None:
+        model.vision.store_frozen_weights(frozen_dtype)
     if compile_model:
         model.compile(scope=model_scope, mode=model_mode)
     if compile_encoder:
@@ -369,6 +374,10 @@ def bench_steps(timer, device, args, tokenizer, dinov2_dir, matmul_tflops) -> li
              # and with one before 2026-12-01's third session): one add kernel per trainable tensor.
              "forward_ro_buffers": (f"{fast} compiled forward, CUDA graphs, gradient buffers", "sdpa", bf16, False,
                                     True, ro, ro, "forward"),
+             # The frozen encoder weights kept in fp32 and cast under autocast every step (the trainer before
+             # 2026-12-01's fourth session; every other bf16 variant stores them in bf16, as the trainer now does).
+             "forward_ro_fp32_frozen": (f"{fast} compiled forward, CUDA graphs, fp32 frozen weights", "sdpa", bf16,
+                                        False, True, ro, ro, "forward"),
              # max-autotune: GEMMs autotuned against Triton templates (which can fuse their epilogues, the GELU
              # after fc1 say), CUDA graphs too; compiles for much longer.
              "forward_ma": (f"{fast} compiled forward, max-autotune", "sdpa", bf16, False, True, "max-autotune",
@@ -388,7 +397,8 @@ def bench_steps(timer, device, args, tokenizer, dinov2_dir, matmul_tflops) -> li
         try:  # rows are appended phase by phase, so a failing phase keeps the figures before it
             bench_step_variant(timer, device, args, tokenizer, dinov2_dir, matmul_tflops, step_flops, rows, label,
                                attn, dtype, compile_encoder, compile_model, model_mode, encoder_mode, scope,
-                               profile=name in profiled, grad_buffers=name.endswith("_buffers"))
+                               profile=name in profiled, grad_buffers=name.endswith("_buffers"),
+                               frozen_dtype=None if name.endswith("_fp32_frozen") else dtype)
         except Exception as e:  # one failing variant must not lose the others' figures
             rows.append({"name": f"step {label} FAILED", "error": f"{type(e).__name__}: {str(e)[:400]}"})
         for row in rows[before:]:
@@ -399,10 +409,11 @@ def bench_steps(timer, device, args, tokenizer, dinov2_dir, matmul_tflops) -> li
 
 def bench_step_variant(timer, device, args, tokenizer, dinov2_dir, matmul_tflops, step_flops, rows, label, attn,
                        dtype, compile_encoder, compile_model, model_mode, encoder_mode, scope, profile,
-                       grad_buffers=False) -> None:
+                       grad_buffers=False, frozen_dtype=None) -> None:
     model = build_model(args, model_config(args, dinov2_dir, attn), tokenizer, device,
                         compile_encoder=compile_encoder, compile_model=compile_model, model_mode=model_mode,
-                        encoder_mode=encoder_mode, model_scope=scope)
+                        encoder_mode=encoder_mode, model_scope=scope,
+                        frozen_dtype=frozen_dtype if frozen_dtype == torch.bfloat16 else None)
     batches = [synthetic_batch(args, tokenizer, device, seed=s) for s in range(4)]
     for phase in args.phases:
         model.set_lora_trainable(phase == 2)
@@ -483,7 +494,8 @@ def bench_loader(timer, device, args, tokenizer, dinov2_dir) -> list[dict]:
     graphs = compile_model and device.type == "cuda"
     mode = "reduce-overhead" if graphs else "default"
     model = build_model(args, cfg, tokenizer, device, compile_encoder=False, compile_model=compile_model,
-                        model_mode=mode, model_scope="forward")  # the trainer's default: the whole forward
+                        model_mode=mode, model_scope="forward",
+                        frozen_dtype=torch.bfloat16 if device.type == "cuda" else None)  # the trainer's default: the whole forward
     optimizer = make_optimizer(model, device)
 
     def step_from_loader():  # copied to the GPU as the trainer copies its batches

@@ -26,6 +26,7 @@ from loravl.config import ConfigError, DataConfig  # noqa: E402
 from loravl.data import (COLOURS, RELATIONS, SHAPES, DataFormatError, TooManySkippedError,  # noqa: E402
                          build_dataloader, build_dataset, build_transform, ensure_demo_data,
                          load_rgb_image)
+from loravl.data.images import jpeg_frame  # noqa: E402
 from loravl.data.skips import Skip  # noqa: E402
 
 IMAGE_SIZE = 32
@@ -258,6 +259,44 @@ def test_tensor_decoding_gives_pils_pixels_and_its_skips():
     broken = {**broken_files(), **{f"cut at {f}": (jpeg[: int(len(jpeg) * f)], "corrupt_image") for f in (0.3, 0.9)}}
     for name, (data, reason) in broken.items():
         assert load_rgb_image(data, max_pixels=10**6, min_size=2, as_tensor=True).reason == reason, name
+
+
+def _jpeg_with_declared_size(width: int, height: int) -> bytes:
+    """A small JPEG whose frame header claims another size (a header bomb when large)."""
+    data = bytearray(_save(Image.new("RGB", (16, 16), (0, 90, 0)), "JPEG"))
+    sof = data.index(b"\xff\xc0")
+    data[sof + 5:sof + 9] = struct.pack(">HH", height, width)
+    return bytes(data)
+
+
+def test_jpeg_frame_reads_the_header_pil_reads():
+    """The loader's fast path sizes a JPEG from its frame header, past APP segments (EXIF, ICC), in every
+    coding PIL writes; anything else is not taken for a JPEG."""
+    rng = np.random.default_rng(1)
+    photo = Image.fromarray(rng.integers(0, 255, (45, 70, 3), dtype=np.uint8))
+    exif = Image.Exif()
+    exif[0x0112] = 6
+    cases = {
+        "baseline": (_save(photo, "JPEG"), 0xC0, 3),
+        "progressive": (_save(photo, "JPEG", progressive=True), 0xC2, 3),
+        "exif and icc": (_save(photo, "JPEG", exif=exif, icc_profile=b"\0" * 3000), 0xC0, 3),
+        "grey": (_save(photo.convert("L"), "JPEG"), 0xC0, 1),
+        "cmyk": (_save(photo.convert("CMYK"), "JPEG"), 0xC0, 4),
+    }
+    for name, (data, marker, components) in cases.items():
+        frame = jpeg_frame(data)
+        with Image.open(io.BytesIO(data)) as image:
+            assert (frame.width, frame.height) == image.size == (70, 45), name
+        assert (frame.marker, frame.components, frame.precision) == (marker, components, 8), name
+    jpeg = cases["exif and icc"][0]
+    for not_a_frame in (b"", b"\xff\xd8", jpeg[:200], _save(photo, "PNG"), b"\xff\xd8\xff\xe0\x00\x01" + jpeg[6:]):
+        assert jpeg_frame(not_a_frame) is None
+    # The fast path's checks say what PIL's do on the same header, a too-large or too-small frame.
+    for size, reason in (((5000, 4000), "decompression_bomb"), ((40000, 40000), "decompression_bomb"),
+                         ((1, 16), "too_small")):
+        data = _jpeg_with_declared_size(*size)
+        for as_tensor in (True, False):
+            assert load_rgb_image(data, max_pixels=10**7, min_size=2, as_tensor=as_tensor).reason == reason
 
 
 def test_image_modes_end_as_rgb_with_the_right_content():

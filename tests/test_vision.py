@@ -107,6 +107,43 @@ def test_step_on_lora_moves_lora_only(tiny_dinov2_path):
             assert torch.equal(p, base_before[n]), f"base weight {n} changed"
 
 
+def test_frozen_weights_stored_in_bf16_change_nothing_under_autocast(tiny_dinov2_path):
+    """store_frozen_weights(bf16), what the trainer does under bf16 autocast on a GPU: the backbone's matrix
+    weights become bf16 (LoRA, norms, layer scales, embeddings stay fp32) and, under that autocast, outputs and
+    LoRA gradients are bit for bit what the fp32 weights give, frozen (phase 1) and training (phase 2)."""
+    torch.manual_seed(0)
+    pixels = torch.randint(0, 256, (2, 3, 28, 28), dtype=torch.uint8)
+    encoders = [VisionEncoder(VisionConfig(pretrained=tiny_dinov2_path, image_size=28)) for _ in range(2)]
+    encoders[1].load_state_dict(encoders[0].state_dict())
+    for encoder in encoders:
+        with torch.no_grad():  # a LoRA path that adds something, so phase 2's gradients reach A and B
+            for n, p in encoder.lora_parameters():
+                p.copy_(torch.linspace(-0.05, 0.05, p.numel()).view_as(p))
+    changed = encoders[1].store_frozen_weights(torch.bfloat16)
+    dtypes = {n: p.dtype for n, p in encoders[1].named_parameters()}
+    assert changed == sum(d == torch.bfloat16 for d in dtypes.values()) > 0
+    assert all(dtypes[n] == torch.float32 for n, _ in encoders[1].lora_parameters())
+    assert all(d == torch.float32 for n, d in dtypes.items() if "norm" in n or "layer_scale" in n or "embeddings."
+               in n and "projection" not in n)
+    adapted = [d for n, d in dtypes.items() if n.endswith("base_layer.weight")]  # the LoRA-adapted q and v
+    assert adapted and all(d == torch.bfloat16 for d in adapted)
+    for trainable in (False, True):
+        outs, grads = [], []
+        for encoder in encoders:
+            encoder.set_lora_trainable(trainable)
+            torch.manual_seed(1)  # the same LoRA dropout masks in phase 2
+            with torch.autocast("cpu", dtype=torch.bfloat16):
+                out = encoder(pixels)
+            outs.append(out)
+            if trainable:
+                out.float().pow(2).mean().backward()
+                grads.append([p.grad.clone() for _, p in encoder.lora_parameters()])
+        assert torch.equal(outs[0], outs[1])
+        for a, b in zip(*grads):
+            assert torch.equal(a, b)
+    assert encoders[1].store_frozen_weights(torch.bfloat16) == 0  # once only
+
+
 def test_phase1_builds_no_graph_through_encoder(tiny_dinov2_path):
     encoder = VisionEncoder(VisionConfig(pretrained=tiny_dinov2_path, image_size=28))
     out = encoder(torch.randn(1, 3, 28, 28))

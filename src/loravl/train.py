@@ -78,6 +78,11 @@ def _train(cfg: RunConfig, env: "DistributedEnv") -> VisionLanguageModel:
     seed_everything(tc.seed)
     model = VisionLanguageModel(cfg.model, tokenizer).to(env.device)
     seed_everything(tc.seed + env.rank)
+    # On a GPU only, and not for fp16: evaluation and captioning there run under bf16 autocast (fp32 on the CPU).
+    if precision.dtype == torch.bfloat16 and env.device.type == "cuda":
+        stored = model.vision.store_frozen_weights(precision.dtype)
+        logger.info("Frozen encoder weights stored in bf16 (%d tensors), as autocast would cast them each step",
+                    stored)
     logger.info(model.vision.summary.format())
     if tc.compile:
         model.compile(scope=tc.compile_scope, mode=tc.compile_mode)  # in place: names and checkpoints unchanged

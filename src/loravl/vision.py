@@ -282,6 +282,26 @@ class VisionEncoder(nn.Module):
         self._zero_checked: tuple | None = None  # which lora_B tensors were last found all zero
         self.set_lora_trainable(False)
 
+    @torch.no_grad()
+    def store_frozen_weights(self, dtype: torch.dtype) -> int:
+        """Keep the frozen backbone's matrix weights (every Linear but LoRA's, and the patch projection, with their
+        biases) in ``dtype``, the run's autocast dtype; returns how many tensors changed.
+
+        Autocast casts each of them to that dtype in every forward anyway, so the results are bit for bit the same
+        (tests/test_vision.py), and no step reads 4 bytes and writes 2 for each of the backbone's 86M weights
+        again (BENCHMARKS.md has what that saves). The backbone is then meant to run under that autocast. Its weights are never saved (they come from ``from_pretrained``), so
+        checkpoints are unchanged; LoRA, norms, layer scales and embeddings stay fp32.
+        """
+        changed = 0
+        for name, module in self.model.named_modules():
+            if "lora_" in name or not isinstance(module, (nn.Linear, PatchProjection)):
+                continue
+            for param in (module.weight, module.bias):
+                if param is not None and not param.requires_grad and param.dtype != dtype:
+                    param.data = param.data.to(dtype)
+                    changed += 1
+        return changed
+
     def lora_parameters(self) -> list[tuple[str, nn.Parameter]]:
         return [(n, p) for n, p in self.named_parameters() if "lora_" in n]
 

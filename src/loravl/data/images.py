@@ -9,7 +9,7 @@ import math
 import os
 import warnings
 from pathlib import Path
-from typing import Optional, Union
+from typing import NamedTuple, Optional, Union
 
 import numpy as np
 import torch
@@ -108,6 +108,72 @@ def decode_jpeg_rgb(data: Union[bytes, bytearray, memoryview]) -> Optional[torch
         return None
 
 
+# Start-of-frame markers of the Huffman-coded JPEGs libjpeg-turbo decodes: baseline, extended, progressive.
+_HUFFMAN_SOF_MARKERS = (0xC0, 0xC1, 0xC2)
+_ALL_SOF_MARKERS = frozenset(range(0xC0, 0xD0)) - {0xC4, 0xC8, 0xCC}  # 0xC4/0xCC: tables, 0xC8: reserved
+
+
+class JpegFrame(NamedTuple):
+    width: int
+    height: int
+    components: int
+    marker: int  # which start-of-frame: 0xC0 baseline, 0xC2 progressive, ...
+    precision: int  # bits a sample
+
+
+def jpeg_frame(data: Union[bytes, bytearray, memoryview]) -> Optional[JpegFrame]:
+    """A JPEG's frame header (size, components, coding) from its first bytes, or None where ``data`` is no JPEG
+    or its header is cut or odd. Reads the few marker segments before the frame header, nothing else: a fraction
+    of the work of PIL's ``Image.open``, which the loader's workers otherwise do for every JPEG."""
+    if data[:3] != b"\xff\xd8\xff":
+        return None
+    pos, end = 2, len(data)
+    while pos + 4 <= end:
+        if data[pos] != 0xFF:
+            return None
+        marker = data[pos + 1]
+        if marker == 0xFF:  # fill byte before a marker
+            pos += 1
+            continue
+        if marker == 0x01 or 0xD0 <= marker <= 0xD8:  # markers without a length
+            pos += 2
+            continue
+        if marker in (0xD9, 0xDA):  # end of image or start of scan before any frame header
+            return None
+        length = (data[pos + 2] << 8) | data[pos + 3]
+        if marker in _ALL_SOF_MARKERS:
+            if length < 8 or pos + 10 > end:
+                return None
+            height = (data[pos + 5] << 8) | data[pos + 6]
+            width = (data[pos + 7] << 8) | data[pos + 8]
+            return JpegFrame(width, height, data[pos + 9], marker, data[pos + 4])
+        if length < 2:
+            return None
+        pos += 2 + length
+    return None
+
+
+def _plain_jpeg_pixels(data: Union[bytes, bytearray, memoryview], *, max_pixels: int, min_size: int,
+                       target_size: Optional[int]) -> Union[torch.Tensor, Skip, None]:
+    """The loader's fast path: an 8-bit grey or colour JPEG checked from its frame header and decoded by
+    torchvision, with no PIL. None hands the file to the PIL path: not such a JPEG, one to decode at a reduced
+    scale (``target_size``), or one libjpeg-turbo refuses (PIL then says why)."""
+    frame = jpeg_frame(data)
+    if frame is None:
+        return None
+    width, height = frame.width, frame.height
+    if (frame.marker not in _HUFFMAN_SOF_MARKERS or frame.components not in (1, 3) or frame.precision != 8
+            or height == 0):  # height 0: given later in the scan (DNL), which PIL handles
+        return None
+    if width * height > max_pixels or (Image.MAX_IMAGE_PIXELS and width * height > Image.MAX_IMAGE_PIXELS):
+        return Skip(skips.DECOMPRESSION_BOMB, f"{width}x{height}")  # what PIL's check says on the same header
+    if width < min_size or height < min_size:
+        return Skip(skips.TOO_SMALL, f"{width}x{height}")
+    if target_size and min(width, height) >= 2 * target_size:
+        return None
+    return decode_jpeg_rgb(data)
+
+
 def load_rgb_image(source: ImageSource, *, max_pixels: int, min_size: int, target_size: Optional[int] = None,
                    as_tensor: bool = False) -> Union[Image.Image, torch.Tensor, Skip]:
     """Open a path or bytes as an upright RGB image, or return ``Skip(reason)``.
@@ -117,9 +183,10 @@ def load_rgb_image(source: ImageSource, *, max_pixels: int, min_size: int, targe
     that other code relies on stays untouched.
 
     ``as_tensor``: return a uint8 tensor [3, H, W] (channels-last memory) instead of a PIL image, what the
-    transforms take. A JPEG in RGB or grey decoded at full scale then goes through torchvision's libjpeg-turbo
-    (``decode_jpeg``) straight into the tensor: the same pixels as PIL's, a third less time (1.0 against 1.4 ms
-    for a 640x480 photo on the 2-core dev box; decoding is most of a data-loader worker's time).
+    transforms take. An 8-bit JPEG in colour or grey decoded at full scale is then checked from its frame header
+    (``jpeg_frame``) and decoded by torchvision's libjpeg-turbo (``decode_jpeg``) straight into the tensor, with
+    no PIL: the same pixels and the same skips as the PIL path, in less time (decoding is most of a data-loader
+    worker's time). Any other file, or a JPEG libjpeg-turbo refuses, takes the PIL path.
     """
     try:
         data: Optional[Union[bytes, bytearray, memoryview]] = None  # the encoded file, for decode_jpeg_rgb
@@ -135,9 +202,13 @@ def load_rgb_image(source: ImageSource, *, max_pixels: int, min_size: int, targe
             if path.stat().st_size == 0:
                 return Skip(skips.EMPTY_FILE, str(path))
             stream = path
-            if as_tensor:  # read once: PIL parses the header from these bytes, torchvision decodes them
+            if as_tensor:  # read once: the header is parsed from these bytes, torchvision decodes them
                 data = path.read_bytes()
                 stream = io.BytesIO(data)
+        if data is not None:
+            fast = _plain_jpeg_pixels(data, max_pixels=max_pixels, min_size=min_size, target_size=target_size)
+            if fast is not None:
+                return fast
         with warnings.catch_warnings():
             # PIL warns (then errors) on huge images against its global limit; treat both as a bomb.
             warnings.simplefilter("error", Image.DecompressionBombWarning)
@@ -149,10 +220,6 @@ def load_rgb_image(source: ImageSource, *, max_pixels: int, min_size: int, targe
                     return Skip(skips.TOO_SMALL, f"{width}x{height}")
                 if target_size and image.format == "JPEG" and min(width, height) >= 2 * target_size:
                     image.draft("RGB", (target_size, target_size))
-                elif data is not None and image.format == "JPEG" and image.mode in ("RGB", "L"):
-                    pixels = decode_jpeg_rgb(data)
-                    if pixels is not None:
-                        return pixels
                 image.load()
                 ImageOps.exif_transpose(image, in_place=True)  # not a copy of every upright image
                 rgb = to_rgb(image)
