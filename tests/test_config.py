@@ -43,6 +43,11 @@ def test_wrong_type_and_impossible_value_name_the_field():
         load_config(None, ["--compile_mode", "fast"])
     with pytest.raises(ConfigError, match=r"train.compile_scope must be 'forward' or 'modules'"):
         load_config(None, ["--compile_scope", "step"])
+    assert load_config(None, ["--num_workers", "auto"]).data.num_workers == "auto"
+    assert load_config(None, ["--num_workers", "6"]).data.num_workers == 6
+    for bad in ("many", "-1"):
+        with pytest.raises(ConfigError, match=r"data.num_workers must be an integer >= 0 or auto"):
+            load_config(None, ["--num_workers", bad])
 
 
 def test_ambiguous_flat_flag_lists_the_choices():

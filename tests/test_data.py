@@ -175,6 +175,25 @@ def test_wrong_paths_and_columns_fail_at_start_naming_them(demo_root, tmp_path):
     assert issubclass(DataFormatError, ValueError)
 
 
+def test_auto_num_workers_shares_the_cores_between_the_processes_of_a_host(tmp_path, demo_root, monkeypatch):
+    """data.num_workers auto: the cores this process may use, divided among torchrun's LOCAL_WORLD_SIZE
+    processes, less one for each training process; a number is taken as it is."""
+    from loravl.data.loader import resolve_num_workers
+    monkeypatch.setattr(os, "sched_getaffinity", lambda pid: set(range(16)), raising=False)
+    monkeypatch.delenv("LOCAL_WORLD_SIZE", raising=False)
+    assert resolve_num_workers("auto") == 15 and resolve_num_workers(3) == 3
+    for processes, workers in (("2", 7), ("8", 1), ("16", 0), ("32", 0)):
+        monkeypatch.setenv("LOCAL_WORLD_SIZE", processes)
+        assert resolve_num_workers("auto") == workers
+    monkeypatch.setattr(os, "sched_getaffinity", lambda pid: {0, 1, 2}, raising=False)
+    monkeypatch.setenv("LOCAL_WORLD_SIZE", "1")
+    (tmp_path / "a.png").write_bytes((demo_root / "val/images/000000.png").read_bytes())
+    (tmp_path / "m.jsonl").write_text(json.dumps({"image": "a.png", "caption": "a"}))
+    cfg = DataConfig(format="jsonl", train_path=str(tmp_path / "m.jsonl"), num_workers="auto")
+    loader = build_dataloader(build_dataset(cfg, "train", IMAGE_SIZE), cfg, 1, train=True, seed=0)
+    assert loader.loader.num_workers == 2
+
+
 def test_several_captions_per_image_share_an_id(tmp_path, demo_root):
     (tmp_path / "a.png").write_bytes((demo_root / "val/images/000000.png").read_bytes())
     (tmp_path / "b.png").write_bytes((demo_root / "val/images/000001.png").read_bytes())

@@ -12,7 +12,7 @@ import types
 import typing
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Optional
+from typing import Any, Optional, Union
 
 import yaml
 
@@ -196,7 +196,9 @@ class DataConfig:
     streaming: bool = False
     # Streaming: each shard is read in windows of this many undecoded samples, shuffled per epoch (train).
     stream_shuffle_window: int = 256
-    num_workers: int = 4
+    # Loader worker processes per training process; "auto": the cores this process may use, shared by the
+    # processes on the host (torchrun's LOCAL_WORLD_SIZE), less one for the training process itself.
+    num_workers: Union[int, str] = 4
     prefetch_factor: int = 4
     # Decompression-bomb guard, in pixels.
     max_image_pixels: int = 89_478_485
@@ -217,7 +219,8 @@ class DataConfig:
         formats = ("demo", "coco", "karpathy", "jsonl", "csv", "hf", "webdataset")
         _check(self.format in formats, prefix, "format", f"must be one of {', '.join(formats)}")
         _check(bool(self.train_path), prefix, "train_path", "must name the training data")
-        _check(self.num_workers >= 0, prefix, "num_workers", "must be >= 0")
+        _check(self.num_workers == "auto" or isinstance(self.num_workers, int) and self.num_workers >= 0, prefix,
+               "num_workers", f"must be an integer >= 0 or auto, got {self.num_workers!r}")
         _check(self.prefetch_factor > 0, prefix, "prefetch_factor", "must be > 0")
         _check(0.0 < self.max_skip_fraction <= 1.0, prefix, "max_skip_fraction", "must be in (0, 1]")
         _check(self.max_image_pixels > 0, prefix, "max_image_pixels", "must be > 0")

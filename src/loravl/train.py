@@ -71,6 +71,8 @@ def _train(cfg: RunConfig, env: "DistributedEnv") -> VisionLanguageModel:
     tokenizer = prepare_tokenizer(cfg, train_set, resume_from, env)
     loader = build_dataloader(train_set, cfg.data, tc.batch_size, train=True, seed=tc.seed, rank=env.rank,
                               world_size=env.world_size, tokenize=tokenizer)
+    logger.info("Data: %d loader worker(s) in this process (data.num_workers %s)", loader.loader.num_workers,
+                cfg.data.num_workers)
     steps_per_epoch = count_steps_per_epoch(loader, tc.grad_accum_steps)
     total_steps = count_total_steps(tc, steps_per_epoch)
 

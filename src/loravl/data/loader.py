@@ -7,6 +7,7 @@ world size and num_workers.
 """
 from __future__ import annotations
 
+import os
 from typing import Any, Iterator, Optional, Union
 
 import torch
@@ -113,9 +114,20 @@ class CaptionLoader:
         self.skips.load_state_dict(state["skips"])
 
 
+def resolve_num_workers(setting: Union[int, str]) -> int:
+    """``data.num_workers``: a count as it is, or "auto": the cores this process may use, shared by the training
+    processes on this host (torchrun's LOCAL_WORLD_SIZE), less one for the training process. JPEG decoding is
+    most of a worker's time, so a GPU's step rate needs about every core (BENCHMARKS.md)."""
+    if setting != "auto":
+        return int(setting)
+    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
+    processes = max(1, int(os.environ.get("LOCAL_WORLD_SIZE", "1")))
+    return max(0, cores // processes - 1)
+
+
 def build_dataloader(dataset: AnyCaptionDataset, cfg: DataConfig, batch_size: int, *, train: bool, seed: int,
                      rank: int = 0, world_size: int = 1, tokenize: Optional[Tokenize] = None,
-                     drop_last: Optional[bool] = None, num_workers: Optional[int] = None) -> CaptionLoader:
+                     drop_last: Optional[bool] = None, num_workers: Union[int, str, None] = None) -> CaptionLoader:
     """A resumable loader over this rank's part of ``dataset``.
 
     train: shuffle by (seed, epoch) and (default) drop the last incomplete batch. Map-style ranks get equal
@@ -124,7 +136,7 @@ def build_dataloader(dataset: AnyCaptionDataset, cfg: DataConfig, batch_size: in
     """
     if not 0 <= rank < world_size:
         raise ValueError(f"rank {rank} is not in [0, {world_size})")
-    num_workers = cfg.num_workers if num_workers is None else num_workers
+    num_workers = resolve_num_workers(cfg.num_workers if num_workers is None else num_workers)
     drop_last = train if drop_last is None else drop_last
     dataset.builder.seed = seed
     collate = CaptionCollator(dataset.builder.image_size, tokenize=tokenize, keep_all_captions=not train)
