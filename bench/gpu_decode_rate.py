@@ -7,14 +7,12 @@ from pathlib import Path
 import torch, torchvision
 from torchvision.io import decode_jpeg, ImageReadMode
 sys.path.insert(0, "bench")
-from throughput import write_jpegs
+from throughput import encoded_jpegs
 out = Path(os.environ.get("OUT", "/tmp"))
 res = {"torch": torch.__version__, "torchvision": torchvision.__version__}
 res["lscpu"] = subprocess.run("lscpu | egrep 'Model name|Thread|Core|Socket|MHz|^CPU\\(s\\)'", shell=True, capture_output=True, text=True).stdout
 print(res["lscpu"], flush=True)
-folder = Path("/tmp/probe_jpegs")
-write_jpegs(folder, 2048)
-files = [torch.frombuffer(bytearray((folder / f"img{i:06d}.jpg").read_bytes()), dtype=torch.uint8) for i in range(2048)]
+files = encoded_jpegs(Path("/tmp/probe_jpegs"), 2048)
 res["mean_kb"] = sum(f.numel() for f in files) / len(files) / 1024
 torch.set_num_threads(1)
 t0 = time.perf_counter()

@@ -8,11 +8,9 @@ import torch
 from torchvision.io import decode_jpeg, ImageReadMode
 from torchvision.ops import roi_align
 sys.path.insert(0, "bench")
-from throughput import write_jpegs
+from throughput import encoded_jpegs
 out = Path(os.environ.get("OUT", "/tmp"))
-folder = Path("/tmp/probe_jpegs")
-write_jpegs(folder, 2048)
-files = [torch.frombuffer(bytearray((folder / f"img{i:06d}.jpg").read_bytes()), dtype=torch.uint8) for i in range(2048)]
+files = encoded_jpegs(Path("/tmp/probe_jpegs"), 2048)
 dev = torch.device("cuda"); B = 128
 batches = [files[i:i + B] for i in range(0, 2048, B)]
 boxes = torch.tensor([[i, 10., 20., 510., 420.] for i in range(B)])

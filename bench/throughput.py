@@ -22,8 +22,8 @@ import statistics
 import sys
 import tempfile
 import time
-from typing import Optional
 from pathlib import Path
+from typing import Optional
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / "src"))
@@ -412,8 +412,7 @@ def bench_step_variant(timer, device, args, tokenizer, dinov2_dir, matmul_tflops
                        grad_buffers=False, frozen_dtype=None) -> None:
     model = build_model(args, model_config(args, dinov2_dir, attn), tokenizer, device,
                         compile_encoder=compile_encoder, compile_model=compile_model, model_mode=model_mode,
-                        encoder_mode=encoder_mode, model_scope=scope,
-                        frozen_dtype=frozen_dtype if frozen_dtype == torch.bfloat16 else None)
+                        encoder_mode=encoder_mode, model_scope=scope, frozen_dtype=frozen_dtype)
     batches = [synthetic_batch(args, tokenizer, device, seed=s) for s in range(4)]
     for phase in args.phases:
         model.set_lora_trainable(phase == 2)
@@ -446,6 +445,14 @@ def write_jpegs(folder: Path, n: int, size=(640, 480)) -> None:
     with open(folder / "manifest.jsonl", "w") as f:
         for i, caption in enumerate(random_captions(n, seed=1)):
             f.write(json.dumps({"image": f"img{i:06d}.jpg", "caption": caption}) + "\n")
+
+
+def encoded_jpegs(folder: Path, n: int) -> list[torch.Tensor]:
+    """``n`` of the bench's JPEGs written to ``folder`` and read back as uint8 tensors of their bytes, what
+    ``torchvision.io.decode_jpeg`` takes (bench/gpu_decode_*.py)."""
+    write_jpegs(folder, n)
+    return [torch.frombuffer(bytearray((folder / f"img{i:06d}.jpg").read_bytes()), dtype=torch.uint8)
+            for i in range(n)]
 
 
 def _write_chunk(job):
@@ -493,9 +500,10 @@ def bench_loader(timer, device, args, tokenizer, dinov2_dir) -> list[dict]:
     compile_model = not args.no_compile
     graphs = compile_model and device.type == "cuda"
     mode = "reduce-overhead" if graphs else "default"
+    # The trainer's defaults: the whole forward compiled, the frozen weights in bf16 on a GPU.
     model = build_model(args, cfg, tokenizer, device, compile_encoder=False, compile_model=compile_model,
                         model_mode=mode, model_scope="forward",
-                        frozen_dtype=torch.bfloat16 if device.type == "cuda" else None)  # the trainer's default: the whole forward
+                        frozen_dtype=torch.bfloat16 if device.type == "cuda" else None)
     optimizer = make_optimizer(model, device)
 
     def step_from_loader():  # copied to the GPU as the trainer copies its batches

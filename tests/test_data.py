@@ -333,6 +333,9 @@ def test_image_modes_end_as_rgb_with_the_right_content():
     big = load_rgb_image(_save(Image.new("RGB", (1600, 1200)), "JPEG"), max_pixels=10**7, min_size=2,
                          target_size=224)
     assert big.size == (400, 300)
+    big_tensor = load_rgb_image(_save(Image.new("RGB", (1600, 1200)), "JPEG"), max_pixels=10**7, min_size=2,
+                                target_size=224, as_tensor=True)  # the loader's path: PIL's draft too
+    assert big_tensor.shape == (3, 300, 400) and big_tensor.dtype == torch.uint8
 
 
 def test_transforms_give_uint8_rgb_matching_pillow_within_one_level():

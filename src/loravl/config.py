@@ -197,7 +197,8 @@ class DataConfig:
     # Streaming: each shard is read in windows of this many undecoded samples, shuffled per epoch (train).
     stream_shuffle_window: int = 256
     # Loader worker processes per training process; "auto": the cores this process may use, shared by the
-    # processes on the host (torchrun's LOCAL_WORLD_SIZE), less one for the training process itself.
+    # processes on the host (torchrun's LOCAL_WORLD_SIZE), less one for the training process itself. A resumed
+    # run restores each worker's place, so it needs the same count: auto gives it on the same kind of host.
     num_workers: Union[int, str] = 4
     prefetch_factor: int = 4
     # Decompression-bomb guard, in pixels.

@@ -289,8 +289,9 @@ class VisionEncoder(nn.Module):
 
         Autocast casts each of them to that dtype in every forward anyway, so the results are bit for bit the same
         (tests/test_vision.py), and no step reads 4 bytes and writes 2 for each of the backbone's 86M weights
-        again (BENCHMARKS.md has what that saves). The backbone is then meant to run under that autocast. Its weights are never saved (they come from ``from_pretrained``), so
-        checkpoints are unchanged; LoRA, norms, layer scales and embeddings stay fp32.
+        again (BENCHMARKS.md has what that saves). The backbone is then meant to run under that autocast. Its
+        weights are never saved (they come from ``from_pretrained``), so checkpoints are unchanged; LoRA, norms,
+        layer scales and embeddings stay fp32.
         """
         changed = 0
         for name, module in self.model.named_modules():
