@@ -19,6 +19,7 @@ import numpy as np
 import pytest
 import torch
 from PIL import Image
+from torchvision.transforms import v2
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "src"))
 
@@ -262,14 +263,27 @@ def broken_files() -> dict[str, tuple[bytes, str]]:
     }
 
 
+def _jpeg_with_exif(image: Image.Image, byte_order: str, orientation: int) -> bytes:
+    exif = Image.Exif()
+    exif.endian = byte_order
+    exif[0x010F] = "maker"  # tags before and after the orientation's
+    exif[0x0112] = orientation
+    exif[0x0131] = "software"
+    return _save(image, "JPEG", exif=exif)
+
+
 def test_tensor_decoding_gives_pils_pixels_and_its_skips():
     """as_tensor=True (the loader's path: JPEGs through torchvision's decode_jpeg) gives exactly the pixels of the
-    PIL path, EXIF rotation included, and the same Skip reasons for broken files, a JPEG cut anywhere included."""
+    PIL path, every EXIF orientation in either byte order included, and the same Skip reasons for broken files, a
+    JPEG cut anywhere included."""
     rng = np.random.default_rng(0)
     photo = Image.fromarray(rng.integers(0, 255, (60, 80, 3), dtype=np.uint8))
     cases = {**good_image_bytes(), "gray.jpg": _save(Image.fromarray(rng.integers(0, 255, (30, 40), dtype=np.uint8)),
                                                      "JPEG"),
-             "progressive.jpg": _save(photo, "JPEG", progressive=True)}
+             "progressive.jpg": _save(photo, "JPEG", progressive=True),
+             "subsampling 4:4:4": _save(photo, "JPEG", subsampling=0), "odd size": _save(photo.resize((77, 51)), "JPEG"),
+             **{f"EXIF orientation {o} {order}": _jpeg_with_exif(photo, order, o) for o in range(1, 9)
+                for order in "<>"}}
     for name, data in cases.items():
         pil = load_rgb_image(data, max_pixels=10**7, min_size=2)
         tensor = load_rgb_image(data, max_pixels=10**7, min_size=2, as_tensor=True)
@@ -357,6 +371,19 @@ def test_transforms_give_uint8_rgb_matching_pillow_within_one_level():
     red, green = first[0].float(), first[1].float()
     assert red[:, -1].mean() > red[:, 0].mean() + 100 and green[-1].mean() > green[0].mean() + 100
     assert (first[2] == 40).all()
+    # It is torchvision's RandomResizedCrop (and flip), pixel for pixel, from a PIL image or a uint8 tensor.
+    pixels = torch.from_numpy(array).permute(2, 0, 1)
+    for hflip in (False, True):
+        ours = build_transform(32, train=True, crop_scale=(0.3, 1.0), hflip=hflip)
+        steps = [v2.RandomResizedCrop(32, scale=(0.3, 1.0), antialias=True)] + [v2.RandomHorizontalFlip()] * hflip
+        theirs = v2.Compose(steps)
+        for seed in range(20):
+            torch.manual_seed(seed)
+            expected = theirs(pixels)
+            for source in (image, pixels):
+                torch.manual_seed(seed)
+                out = ours(source)
+                assert out.is_contiguous() and torch.equal(out, expected), (hflip, seed)
 
 
 def test_broken_samples_are_skipped_and_counted_over_a_full_epoch(tmp_path):

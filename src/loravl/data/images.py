@@ -9,14 +9,14 @@ import math
 import os
 import warnings
 from pathlib import Path
-from typing import NamedTuple, Optional, Union
+from typing import Callable, NamedTuple, Optional, Union
 
 import numpy as np
 import torch
 from PIL import Image, ImageOps, UnidentifiedImageError
 from torchvision import tv_tensors
 from torchvision.io import ImageReadMode, decode_jpeg
-from torchvision.transforms import v2
+from torchvision.transforms import RandomResizedCrop, v2
 
 from loravl.data import skips
 from loravl.data.skips import Skip
@@ -31,8 +31,8 @@ _WHITE = (255, 255, 255)
 
 
 def build_transform(image_size: int, train: bool, *, crop_scale: tuple[float, float] = (0.5, 1.0),
-                    hflip: bool = False) -> v2.Compose:
-    """PIL RGB image -> uint8 RGB tensor [3, image_size, image_size], 0-255.
+                    hflip: bool = False) -> Callable[[Union[Image.Image, torch.Tensor]], torch.Tensor]:
+    """PIL RGB image or uint8 tensor -> uint8 RGB tensor [3, image_size, image_size], 0-255.
 
     train: RandomResizedCrop (area fraction in ``crop_scale``), no flip unless asked (flips break "left of");
     eval: resize the short side, centre crop. The vision encoder normalises on the device
@@ -40,15 +40,32 @@ def build_transform(image_size: int, train: bool, *, crop_scale: tuple[float, fl
     """
     # Crop and resize run on the uint8 tensor in channels-last memory, torch's vectorised antialiased bilinear
     # path: on a 640x480 photo 0.46 ms against Pillow's 1.25 ms (2-core dev box), within one grey level of it.
-    steps: list = [ToUint8Tensor()]
     if train:
-        steps.append(v2.RandomResizedCrop(image_size, scale=crop_scale, antialias=True))
-        if hflip:
-            steps.append(v2.RandomHorizontalFlip())
-    else:
-        steps += [v2.Resize(image_size, antialias=True), v2.CenterCrop(image_size)]
-    steps.append(Contiguous())
-    return v2.Compose(steps)
+        return RandomResizedCropUint8(image_size, crop_scale, v2.RandomHorizontalFlip() if hflip else None)
+    return v2.Compose([ToUint8Tensor(), v2.Resize(image_size, antialias=True), v2.CenterCrop(image_size),
+                       Contiguous()])
+
+
+class RandomResizedCropUint8:
+    """The train transform: torchvision's RandomResizedCrop on a uint8 image, called as its two parts, the crop's
+    sampling (``RandomResizedCrop.get_params``) and the resize (``interpolate``, bilinear, antialiased, what its
+    kernel calls), so the same seed gives the same pixels (tested). Without the v2 pipeline's dispatch around
+    them: a few percent of a loader worker's time a sample (BENCHMARKS.md)."""
+
+    def __init__(self, size: int, scale: tuple[float, float], flip: Optional[Callable] = None,
+                 ratio: tuple[float, float] = (3.0 / 4.0, 4.0 / 3.0)) -> None:
+        self.size, self.scale, self.ratio, self.flip = size, scale, ratio, flip
+        self.to_tensor = ToUint8Tensor()
+
+    def __call__(self, image: Union[Image.Image, torch.Tensor]) -> torch.Tensor:
+        pixels = self.to_tensor(image).as_subclass(torch.Tensor)
+        top, left, height, width = RandomResizedCrop.get_params(pixels, list(self.scale), list(self.ratio))
+        crop = pixels[:, top:top + height, left:left + width].unsqueeze(0)
+        out = torch.nn.functional.interpolate(crop, size=(self.size, self.size), mode="bilinear",
+                                              align_corners=False, antialias=True)[0]
+        if self.flip is not None:
+            out = self.flip(out)
+        return out.contiguous()
 
 
 class ToUint8Tensor:
