@@ -1,42 +1,88 @@
 """Per-sample CPU cost of each loader stage, in one process (no workers).
 
     JPEGS=/tmp/stage_jpegs python3 bench/loader_stages.py   # writes $OUT/stages.json (or /tmp/stages.json)
+
+Also times alternatives: simplejpeg's decoding (libjpeg-turbo's TurboJPEG API, if installed; not a dependency),
+exact and with its inexact fast DCT and upsampling, against torchvision's decode_jpeg (the loader's); the train
+crop through torchvision's v2 pipeline against the loader's ``RandomResizedCropUint8`` (the same pixels).
 """
-import json, os, sys, time, pickle, io
+import io
+import json
+import os
+import pickle
+import sys
+import time
+from multiprocessing.reduction import ForkingPickler
 from pathlib import Path
+
 import torch
+from torchvision.io import ImageReadMode, decode_jpeg
+from torchvision.transforms import v2
+
 sys.path.insert(0, "bench"); sys.path.insert(0, "src")
-from throughput import write_jpegs
-from loravl.config import DataConfig
-from loravl.data import build_dataset
-from loravl.data.images import decode_jpeg_rgb, load_rgb_image
-from loravl.data.collate import CaptionCollator
-from multiprocessing.reduction import ForkingPickler; import torch.multiprocessing
+from throughput import write_jpegs  # noqa: E402
+from loravl.config import DataConfig  # noqa: E402
+from loravl.data import build_dataset  # noqa: E402
+from loravl.data.collate import CaptionCollator  # noqa: E402
+from loravl.data.images import Contiguous, ToUint8Tensor, decode_jpeg_rgb, load_rgb_image  # noqa: E402
+
 torch.set_num_threads(1)
-folder = Path(os.environ.get("JPEGS", "/tmp/stage_jpegs")); n = 600
-if not (folder / "manifest.jsonl").exists(): write_jpegs(folder, n)
+folder = Path(os.environ.get("JPEGS", "/tmp/stage_jpegs"))
+n = 600
+if not (folder / "manifest.jsonl").exists():
+    write_jpegs(folder, n)
 ds = build_dataset(DataConfig(format="jsonl", train_path=str(folder / "manifest.jsonl")), "train", 224)
 files = [(folder / f"img{i:06d}.jpg") for i in range(n)]
 res = {}
-def t(name, fn, reps=n):
-    for i in range(20): fn(i)
-    t0 = time.perf_counter()
-    for i in range(reps): fn(i)
-    res[name] = (time.perf_counter() - t0) / reps * 1e3; print(f"{name:36s} {res[name]:.3f} ms", flush=True)
+
+
+def t(name, fn, reps=n, rounds=3, per=1):
+    """The fastest of ``rounds`` passes over ``reps`` calls, ms a call (divided by ``per``: ms a sample)."""
+    for i in range(20):
+        fn(i)
+    best = float("inf")
+    for _ in range(rounds):
+        t0 = time.perf_counter()
+        for i in range(reps):
+            fn(i)
+        best = min(best, (time.perf_counter() - t0) / reps / per * 1e3)
+    res[name] = best
+    print(f"{name:44s} {best:.3f} ms", flush=True)
+
+
 datas = [f.read_bytes() for f in files]
+tensors = [torch.frombuffer(bytearray(d), dtype=torch.uint8) for d in datas]
 t("read_bytes", lambda i: files[i].read_bytes())
-t("decode_jpeg_rgb", lambda i: decode_jpeg_rgb(datas[i]))
+t("decode: torchvision decode_jpeg", lambda i: decode_jpeg(tensors[i], mode=ImageReadMode.RGB,
+                                                            apply_exif_orientation=True))
+try:
+    import simplejpeg
+except ImportError:
+    simplejpeg = None
+if simplejpeg is not None:
+    t("decode: simplejpeg", lambda i: simplejpeg.decode_jpeg(datas[i], colorspace="RGB"))
+    t("decode: simplejpeg fastdct", lambda i: simplejpeg.decode_jpeg(datas[i], colorspace="RGB", fastdct=True))
+    t("decode: simplejpeg fastdct+fastupsample", lambda i: simplejpeg.decode_jpeg(datas[i], colorspace="RGB",
+                                                                                 fastdct=True, fastupsample=True))
+t("decode_jpeg_rgb (the loader's)", lambda i: decode_jpeg_rgb(datas[i]))
 t("load_rgb_image(path)", lambda i: load_rgb_image(files[i], max_pixels=10**9, min_size=8, as_tensor=True))
 img = [decode_jpeg_rgb(datas[i]) for i in range(20)]
+pipeline = v2.Compose([ToUint8Tensor(), v2.RandomResizedCrop(224, scale=(0.5, 1.0), antialias=True), Contiguous()])
+t("crop+resize: torchvision v2 pipeline", lambda i: pipeline(img[i % 20]))
 tr = ds.builder.transform
-t("transform", lambda i: tr(img[i % 20]))
+t("crop+resize: the loader's transform", lambda i: tr(img[i % 20]))
 t("dataset[(i, 0)]", lambda i: ds[(i, 0)])
 samples = [ds[(i, 0)] for i in range(128)]
 col = CaptionCollator(224)
-t("collate 128 (per sample)", lambda i: col(samples), reps=20); res["collate 128 (per sample)"] /= 128
+t("collate 128 (per sample)", lambda i: col(samples), reps=20, per=128)
+
+
 def share(i):
     b = col(samples)
-    buf = io.BytesIO(); ForkingPickler(buf, pickle.HIGHEST_PROTOCOL).dump(b)
-t("collate+share 128 (per sample)", share, reps=20); res["collate+share 128 (per sample)"] /= 128
+    buf = io.BytesIO()
+    ForkingPickler(buf, pickle.HIGHEST_PROTOCOL).dump(b)
+
+
+t("collate+share 128 (per sample)", share, reps=20, per=128)
 print(json.dumps(res))
 Path(os.environ.get("OUT", "/tmp")).joinpath("stages.json").write_text(json.dumps(res, indent=1))

@@ -8,13 +8,17 @@ Sections (each printed as a table row and written to JSON):
   encoder     DINOv2 alone: forward-only (phase-1 floor) and LoRA forward+backward (phase-2), SDPA and compiled
   step        the full step (3 losses, backward, clip, fused AdamW) in phase 1 and 2: optimised
               (bf16, SDPA, compiled encoder) and the naive baseline (fp32, eager attention, no compile)
-  loader      phase-1 step fed by the real data loader from JPEG files on disk vs synthetic tensors
+  loader      phase-1 step fed by the real data loader from JPEG files on disk vs synthetic tensors, with the
+              cores the training process and the workers used; --loader_variants: other worker counts and
+              niceness, fed to the same compiled step
   generate    greedy captioning, batch 256, 30 new tokens
 The model is built with random weights from the dinov2-base config shipped in configs/models (no download).
 """
 from __future__ import annotations
 
 import argparse
+import dataclasses
+import gc
 import json
 import os
 import random
@@ -36,6 +40,8 @@ from loravl.config import DataConfig, ModelConfig, VisionConfig, TextConfig  # n
 from loravl.model import VisionLanguageModel  # noqa: E402
 from loravl.text import CaptionTokenizer, train_tokenizer  # noqa: E402
 from loravl.train import INPUT_KEYS, allocate_grads, to_device  # noqa: E402
+
+import cpu_use  # noqa: E402  (bench/)
 
 
 _rng = random.Random(0)
@@ -484,14 +490,17 @@ def bench_loader(timer, device, args, tokenizer, dinov2_dir) -> list[dict]:
     per_epoch = len(dataset) // args.batch_size
     n_batches = min(args.loader_batches, per_epoch)
     it = iter(loader)
-    stamps = []
-    for _ in range(n_batches):
+    stamps, cpu = [], []
+    skip = min(2 * args.workers, n_batches // 2)
+    for k in range(n_batches):
         next(it)
         stamps.append(time.perf_counter())
-    skip = min(2 * args.workers, n_batches // 2)
+        if k in (skip, n_batches - 1):
+            cpu.append(cpu_use.snapshot())
     loader_s = (stamps[-1] - stamps[skip]) / (n_batches - 1 - skip)
     rows.append({"name": f"loader alone ({args.workers} workers), steady", "images_per_s": args.batch_size / loader_s,
-                 "mean_s": loader_s, "batches_timed": n_batches - 1 - skip, "jpeg_write_s": write_s})
+                 "mean_s": loader_s, "batches_timed": n_batches - 1 - skip, "jpeg_write_s": write_s,
+                 **cpu_use.cores_used(*cpu)})
 
     # The fastest step (compiled forward, CUDA graphs on a GPU) fed by the loader, then by synthetic tensors: the
     # same model in the same run, so the difference is the loader's.
@@ -525,20 +534,47 @@ def bench_loader(timer, device, args, tokenizer, dinov2_dir) -> list[dict]:
     if iters < 3:
         raise SystemExit(f"--num_jpegs: {len(dataset)} images leave {iters} batches to time after the warm-up "
                          f"({warmup}) and the emptied queue ({queued}); give more")
-    t0 = time.perf_counter()
-    for _ in range(iters):
-        step_from_loader()
-    timer.sync()
-    step_s = (time.perf_counter() - t0) / iters
     label = "compiled forward, CUDA graphs" if graphs else ("compiled forward" if compile_model else "eager")
-    rows.append({"name": f"step phase 1 {label}, fed by JPEG loader (queue emptied first)",
-                 "images_per_s": args.batch_size / step_s, "pipelined_s": step_s, "iters": iters})
+
+    def timed_row(name: str, n: int) -> dict:
+        """``n`` steps from the loader, back to back: img/s and where the host's cores went meanwhile."""
+        before = cpu_use.snapshot()
+        t0 = time.perf_counter()
+        for _ in range(n):
+            step_from_loader()
+        timer.sync()
+        step_s = (time.perf_counter() - t0) / n
+        return {"name": f"step phase 1 {label}, fed by JPEG loader{name}", "images_per_s": args.batch_size / step_s,
+                "pipelined_s": step_s, "iters": n, **cpu_use.cores_used(before, cpu_use.snapshot())}
+
+    rows.append(timed_row(" (queue emptied first)", iters))
+    # The same compiled step fed by other loaders: another worker count, or workers at a lower scheduling
+    # priority (niceness) than this process, so that the process launching the GPU's work gets a core at once.
+    for variant in filter(None, args.loader_variants.split(",")):
+        workers, _, nice = variant.partition(":nice")
+        del it, loader
+        gc.collect()  # the previous loader's workers exit
+        loader = build_dataloader(dataset, dataclasses.replace(data_cfg, num_workers=int(workers)), args.batch_size,
+                                  train=True, seed=1, tokenize=tokenizer)
+        known = set(cpu_use.descendants(os.getpid()))
+        it = iter(loader)
+        next(it)
+        for pid in set(cpu_use.descendants(os.getpid())) - known if nice else ():
+            os.setpriority(os.PRIO_PROCESS, pid, int(nice))
+        start_up = int(workers) * data_cfg.prefetch_factor
+        for _ in range(start_up):
+            next(it)
+        rows.append(timed_row(f", {workers} workers" + (f" at niceness {nice}" if nice else ""),
+                              min(args.steps, per_epoch - start_up - 2)))
+        print(json.dumps(rows[-1]), flush=True)  # each as it comes: a long list may outlast a time limit
     batches = [synthetic_batch(args, tokenizer, device, seed=s) for s in range(4)]
     counter = iter(range(10**9))
+    before = cpu_use.snapshot()  # the loader's workers idle meanwhile, their prefetch queue full
     t = timer(lambda: train_step(model, optimizer, batches[next(counter) % 4], dtype), warmup=args.warmup,
               iters=max(iters, 10), pipelined=True)
     rows.append({"name": f"step phase 1 {label}, synthetic tensors", "images_per_s": args.batch_size / t["pipelined_s"],
-                 "synced_images_per_s": args.batch_size / t["median_s"], **t})
+                 "synced_images_per_s": args.batch_size / t["median_s"], **t,
+                 **cpu_use.cores_used(before, cpu_use.snapshot())})
     return rows
 
 
@@ -600,6 +636,9 @@ def main() -> None:
     p.add_argument("--num_jpegs", type=int, default=12000)
     p.add_argument("--loader_batches", type=int, default=80, help="batches the loader-alone row takes")
     p.add_argument("--jpeg_dir", default="")
+    p.add_argument("--loader_variants", default="",
+                   help="the loader section's step also fed by these loaders: worker counts, each optionally at a "
+                        "niceness, e.g. 16,15:nice10")
     p.add_argument("--profile_dir", default="", help="write a profiler table of one step per phase here")
     p.add_argument("--tiny", action="store_true", help="tiny model for a CPU smoke test")
     p.add_argument("--out", default="throughput.json")
