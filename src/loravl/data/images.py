@@ -54,12 +54,11 @@ class RandomResizedCropUint8:
 
     def __init__(self, size: int, scale: tuple[float, float], flip: Optional[Callable] = None,
                  ratio: tuple[float, float] = (3.0 / 4.0, 4.0 / 3.0)) -> None:
-        self.size, self.scale, self.ratio, self.flip = size, scale, ratio, flip
-        self.to_tensor = ToUint8Tensor()
+        self.size, self.scale, self.ratio, self.flip = size, list(scale), list(ratio), flip
 
     def __call__(self, image: Union[Image.Image, torch.Tensor]) -> torch.Tensor:
-        pixels = self.to_tensor(image).as_subclass(torch.Tensor)
-        top, left, height, width = RandomResizedCrop.get_params(pixels, list(self.scale), list(self.ratio))
+        pixels = uint8_pixels(image)
+        top, left, height, width = RandomResizedCrop.get_params(pixels, self.scale, self.ratio)
         crop = pixels[:, top:top + height, left:left + width].unsqueeze(0)
         out = torch.nn.functional.interpolate(crop, size=(self.size, self.size), mode="bilinear",
                                               align_corners=False, antialias=True)[0]
@@ -73,9 +72,14 @@ class ToUint8Tensor:
     tensor (``load_rgb_image(..., as_tensor=True)``) passes as it is."""
 
     def __call__(self, image: Union[Image.Image, torch.Tensor]) -> tv_tensors.Image:
-        if isinstance(image, torch.Tensor):
-            return tv_tensors.Image(image)
-        return tv_tensors.Image(torch.from_numpy(np.array(image, dtype=np.uint8)).permute(2, 0, 1))
+        return tv_tensors.Image(uint8_pixels(image))
+
+
+def uint8_pixels(image: Union[Image.Image, torch.Tensor]) -> torch.Tensor:
+    """An RGB PIL image as a uint8 tensor [3, H, W] (a channels-last view of one copy); a tensor as it is."""
+    if isinstance(image, torch.Tensor):
+        return image
+    return torch.from_numpy(np.array(image, dtype=np.uint8)).permute(2, 0, 1)
 
 
 class Contiguous:
