@@ -4,12 +4,14 @@
 
 Also times alternatives: simplejpeg's decoding (libjpeg-turbo's TurboJPEG API, if installed; not a dependency),
 exact and with its inexact fast DCT and upsampling, against torchvision's decode_jpeg (the loader's); the train
-crop through torchvision's v2 pipeline against the loader's ``RandomResizedCropUint8`` (the same pixels).
+crop through torchvision's v2 pipeline and the resize on the crop's view (the loader's before) against
+the loader's ``RandomResizedCropUint8``.
 """
 import io
 import json
 import os
 import pickle
+import random
 import sys
 import time
 from multiprocessing.reduction import ForkingPickler
@@ -17,14 +19,14 @@ from pathlib import Path
 
 import torch
 from torchvision.io import ImageReadMode, decode_jpeg
-from torchvision.transforms import v2
+from torchvision.transforms import RandomResizedCrop, v2
 
 sys.path.insert(0, "bench"); sys.path.insert(0, "src")
 from throughput import write_jpegs  # noqa: E402
 from loravl.config import DataConfig  # noqa: E402
 from loravl.data import build_dataset  # noqa: E402
 from loravl.data.collate import CaptionCollator  # noqa: E402
-from loravl.data.images import Contiguous, ToUint8Tensor, decode_jpeg_rgb, load_rgb_image  # noqa: E402
+from loravl.data.images import decode_jpeg_rgb, load_rgb_image  # noqa: E402
 
 torch.set_num_threads(1)
 folder = Path(os.environ.get("JPEGS", "/tmp/stage_jpegs"))
@@ -67,10 +69,21 @@ if simplejpeg is not None:
 t("decode_jpeg_rgb (the loader's)", lambda i: decode_jpeg_rgb(datas[i]))
 t("load_rgb_image(path)", lambda i: load_rgb_image(files[i], max_pixels=10**9, min_size=8, as_tensor=True))
 img = [decode_jpeg_rgb(datas[i]) for i in range(20)]
-pipeline = v2.Compose([ToUint8Tensor(), v2.RandomResizedCrop(224, scale=(0.5, 1.0), antialias=True), Contiguous()])
+pipeline = v2.Compose([v2.RandomResizedCrop(224, scale=(0.5, 1.0), antialias=True), lambda x: x.contiguous()])
 t("crop+resize: torchvision v2 pipeline", lambda i: pipeline(img[i % 20]))
+
+
+def strided_crop(i):
+    """The loader's transform before 2026-12-01's sixth session: the resize on the crop's view, channels-first out."""
+    pixels = img[i % 20]
+    top, left, h, w = RandomResizedCrop.get_params(pixels, [0.5, 1.0], [3 / 4, 4 / 3])
+    crop = pixels[:, top:top + h, left:left + w].unsqueeze(0)
+    return torch.nn.functional.interpolate(crop, size=(224, 224), mode="bilinear", antialias=True)[0].contiguous()
+
+
+t("crop+resize: on the crop's view (before)", strided_crop)
 tr = ds.builder.transform
-t("crop+resize: the loader's transform", lambda i: tr(img[i % 20]))
+t("crop+resize: the loader's transform", lambda i: tr(img[i % 20], random.Random(i)))
 t("dataset[(i, 0)]", lambda i: ds[(i, 0)])
 samples = [ds[(i, 0)] for i in range(128)]
 col = CaptionCollator(224)

@@ -143,9 +143,10 @@ def synthetic_batch(args, tokenizer, device, seed=0) -> dict:
     g = torch.Generator().manual_seed(seed)
     b = args.batch_size
     tokens = tokenizer(random_captions(b, seed))
-    # uint8 RGB, as the loader gives it (the encoder normalises on the device)
-    batch = {"pixel_values": torch.randint(0, 256, (b, 3, args.image_size, args.image_size), dtype=torch.uint8,
-                                           generator=g),
+    # uint8 RGB, channels-last in memory, as the loader gives it (the encoder normalises on the device): the
+    # loader-fed rows then run the same compiled graph
+    pixels = torch.randint(0, 256, (b, args.image_size, args.image_size, 3), dtype=torch.uint8, generator=g)
+    batch = {"pixel_values": pixels.permute(0, 3, 1, 2),
              "image_ids": torch.arange(b) + seed * b, **tokens}
     return {k: v.to(device, non_blocking=True) for k, v in batch.items()}
 

@@ -6,6 +6,7 @@ import csv
 import io
 import json
 import os
+import random
 import shutil
 import struct
 import subprocess
@@ -352,6 +353,10 @@ def test_image_modes_end_as_rgb_with_the_right_content():
     assert big_tensor.shape == (3, 300, 400) and big_tensor.dtype == torch.uint8
 
 
+def _channels_last(pixels: torch.Tensor) -> bool:
+    return pixels.permute(1, 2, 0).is_contiguous()
+
+
 def test_transforms_give_uint8_rgb_matching_pillow_within_one_level():
     # Channels differ (R across, G down, B constant), so a transposed or channel-swapped tensor would fail.
     x, y = np.meshgrid(np.linspace(0, 255, 90), np.linspace(0, 255, 60))
@@ -360,30 +365,68 @@ def test_transforms_give_uint8_rgb_matching_pillow_within_one_level():
     # eval: the short side to 32, centre crop, as Pillow's antialiased bilinear resize does it
     expected = np.asarray(image.resize((48, 32), Image.BILINEAR).crop((8, 0, 40, 32)), dtype=int)
     out = build_transform(32, train=False)(image)
-    assert out.dtype == torch.uint8 and out.shape == (3, 32, 32) and out.is_contiguous()
+    assert out.dtype == torch.uint8 and out.shape == (3, 32, 32) and _channels_last(out)
     assert np.abs(out.permute(1, 2, 0).numpy().astype(int) - expected).max() <= 1
     # train: the same seed gives the same crop; the crop keeps the image's layout
     train = build_transform(32, train=True, crop_scale=(0.9, 1.0))
-    torch.manual_seed(3)
-    first = train(image)
-    torch.manual_seed(3)
-    assert torch.equal(first, train(image)) and first.dtype == torch.uint8
+    first = train(image, random.Random(3))
+    assert torch.equal(first, train(image, random.Random(3))) and first.dtype == torch.uint8
     red, green = first[0].float(), first[1].float()
     assert red[:, -1].mean() > red[:, 0].mean() + 100 and green[-1].mean() > green[0].mean() + 100
     assert (first[2] == 40).all()
-    # It is torchvision's RandomResizedCrop (and flip), pixel for pixel, from a PIL image or a uint8 tensor.
-    pixels = torch.from_numpy(array).permute(2, 0, 1)
-    for hflip in (False, True):
-        ours = build_transform(32, train=True, crop_scale=(0.3, 1.0), hflip=hflip)
-        steps = [v2.RandomResizedCrop(32, scale=(0.3, 1.0), antialias=True)] + [v2.RandomHorizontalFlip()] * hflip
-        theirs = v2.Compose(steps)
-        for seed in range(20):
-            torch.manual_seed(seed)
-            expected = theirs(pixels)
-            for source in (image, pixels):
-                torch.manual_seed(seed)
-                out = ours(source)
-                assert out.is_contiguous() and torch.equal(out, expected), (hflip, seed)
+
+
+def test_transforms_are_torchvisions_pixel_for_pixel():
+    rng = np.random.default_rng(0)
+    for height, width in ((60, 90), (90, 60), (50, 50), (32, 70)):
+        array = rng.integers(0, 256, size=(height, width, 3), dtype=np.uint8)
+        pixels = torch.from_numpy(array).permute(2, 0, 1)  # channels-last, as decoded
+        sources = (Image.fromarray(array), pixels, pixels.contiguous())
+        # eval: torchvision's Resize (short side) and CenterCrop
+        expected = v2.CenterCrop(32)(v2.Resize(32, antialias=True)(pixels.contiguous()))
+        for source in sources:
+            out = build_transform(32, train=False)(source)
+            assert _channels_last(out) and torch.equal(out, expected), (height, width, type(source))
+        # train: the crop torchvision's resized_crop (and horizontal_flip) makes from the same parameters
+        for hflip in (False, True):
+            crop = build_transform(32, train=True, crop_scale=(0.3, 1.0), hflip=hflip)
+            flips = 0
+            for seed in range(12):
+                top, left, h, w = crop.crop_params(height, width, random.Random(seed))
+                expected = v2.functional.resized_crop(pixels.contiguous(), top, left, h, w, [32, 32],
+                                                      antialias=True)
+                draws = random.Random(seed)
+                crop.crop_params(height, width, draws)
+                if hflip and draws.random() < 0.5:
+                    expected, flips = v2.functional.horizontal_flip(expected), flips + 1
+                for source in sources:
+                    out = crop(source, random.Random(seed))
+                    assert _channels_last(out) and torch.equal(out, expected), (height, width, hflip, seed)
+            assert (flips > 0) == hflip
+
+
+def test_train_crop_samples_as_torchvisions_random_resized_crop():
+    from torchvision.transforms import RandomResizedCrop
+
+    crop = build_transform(224, train=True, crop_scale=(0.3, 1.0))
+    ours = [crop.crop_params(480, 640, random.Random(seed)) for seed in range(3000)]
+    theirs = []
+    for seed in range(3000):
+        torch.manual_seed(seed)
+        theirs.append(RandomResizedCrop.get_params(torch.empty(3, 480, 640), [0.3, 1.0], [3 / 4, 4 / 3]))
+    for params in (ours, theirs):
+        for top, left, h, w in params:
+            assert 0 <= top <= 480 - h and 0 <= left <= 640 - w
+            assert 0.3 * 480 * 640 - 700 <= h * w <= 480 * 640 and 3 / 4 - 0.02 <= w / h <= 4 / 3 + 0.02
+    # The same distribution: area and (log-uniform) aspect ratio, and where the crop sits.
+    def stats(params):
+        p = np.asarray(params, dtype=float)
+        area = p[:, 2] * p[:, 3] / (480 * 640)
+        return area.mean(), np.log(p[:, 3] / p[:, 2]).mean(), (p[:, 0] + p[:, 2] / 2).mean() / 480
+    assert np.allclose(stats(ours), stats(theirs), atol=0.015), (stats(ours), stats(theirs))
+    # No crop fits 10x200 at 99% of its area in these ratios: both fall back to the same central crop.
+    fallback = build_transform(8, train=True, crop_scale=(0.99, 1.0)).crop_params(10, 200, random.Random(0))
+    assert fallback == tuple(RandomResizedCrop.get_params(torch.empty(3, 10, 200), [0.99, 1.0], [3 / 4, 4 / 3]))
 
 
 def test_broken_samples_are_skipped_and_counted_over_a_full_epoch(tmp_path):
@@ -488,6 +531,33 @@ def test_resume_mid_epoch_yields_exactly_the_rest(demo_root, tmp_path, kind, wor
     next_epoch = _batches(resumed)
     assert [ids for ids, _, _ in next_epoch] != [ids for ids, _, _ in full]
     assert sorted(i for ids, _, _ in next_epoch for i in ids) == sorted(i for ids, _, _ in full for i in ids)
+
+
+def test_workers_reuse_shared_memory_batches_without_touching_yielded_ones(demo_root):
+    """Two workers write their batches into reused shared-memory slots: every batch of two epochs, all kept until
+    the end, equals the main process's own (no workers, no slots), while the batches outnumber the slots used."""
+    cfg = DataConfig(format="jsonl", train_path=str(demo_root / "train" / "captions.jsonl"), prefetch_factor=2)
+
+    def epochs(workers):
+        loader = build_dataloader(build_dataset(cfg, "train", IMAGE_SIZE), cfg, 3, train=True, seed=1,
+                                  num_workers=workers)
+        batches = []
+        for epoch in range(2):
+            loader.set_epoch(epoch)
+            batches += [(batch["image_ids"].tolist(), batch["pixel_values"]) for batch in loader]
+        return batches, loader
+
+    reused, loader = epochs(2)
+    own, _ = epochs(0)
+    assert [ids for ids, _ in reused] == [ids for ids, _ in own] and len(own) == 2 * (TRAIN_SIZE // 3)
+    for (_, got), (_, expected) in zip(reused, own):
+        assert torch.equal(got, expected)
+        assert got.permute(0, 2, 3, 1).is_contiguous()  # channels-last, as the transforms give them
+    assert "pixel_slot" not in loader.loader.collate_fn(
+        [build_dataset(cfg, "train", IMAGE_SIZE)[(0, 0)]])  # no slot outside a worker
+    slots_used = len(loader._slot_pixels)
+    assert 2 <= slots_used <= 2 * loader.slots.slots_per_worker < len(reused)
+    assert not any(loader.slots.flags)  # every slot released
 
 
 def test_demo_vocab_and_determinism(tmp_path):

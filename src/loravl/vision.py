@@ -236,8 +236,11 @@ def set_sincos_position_embeddings(embeddings: nn.Module) -> None:
 
 
 def normalize_pixels(pixel_values: torch.Tensor, scale: torch.Tensor, offset: torch.Tensor) -> torch.Tensor:
-    """uint8 RGB [B, 3, H, W] -> float32 ``(x / 255 - mean) / std``, as one multiply-subtract on the device."""
-    return pixel_values.float() * scale - offset
+    """uint8 RGB [B, 3, H, W] -> float32 ``(x / 255 - mean) / std``, as one multiply-subtract on the device.
+
+    Any memory layout in (the loader's batches are channels-last, [B, H, W, 3] in memory), channels-first out:
+    the encoder sees one layout, and the layout change rides along with the normalisation's kernel."""
+    return (pixel_values.float() * scale - offset).contiguous()
 
 
 class VisionEncoder(nn.Module):

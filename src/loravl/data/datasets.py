@@ -13,7 +13,6 @@ import random
 from dataclasses import dataclass
 from typing import Any, Callable, Iterator, Optional, Union
 
-import torch
 from torch.utils.data import Dataset, IterableDataset, get_worker_info
 
 from loravl.data import skips
@@ -54,14 +53,11 @@ class SampleBuilder:
         if isinstance(image, Skip):
             return image
         if self.train:
-            seed = sample_seed(self.seed, epoch, key)
-            caption = record.captions[random.Random(seed).randrange(len(record.captions))]
-            # The crop draws from torch's global CPU RNG; fork it so the main process' RNG is untouched
-            # (workers=0). Only the CPU generator is seeded: torch.manual_seed also queues CUDA/XPU/MTIA seeding
-            # with a stack trace each call, a few ms per sample.
-            with torch.random.fork_rng(devices=[]):
-                torch.default_generator.manual_seed(seed)
-                pixel_values = self.transform(image)
+            # One generator a sample draws the caption and the crop: seeded by (seed, epoch, key), not by any
+            # process's RNG state, so a resumed epoch or another worker count gives the same samples.
+            rng = random.Random(sample_seed(self.seed, epoch, key))
+            caption = record.captions[rng.randrange(len(record.captions))]
+            pixel_values = self.transform(image, rng)
         else:
             caption = record.captions[0]
             pixel_values = self.transform(image)

@@ -7,6 +7,7 @@ from __future__ import annotations
 import io
 import math
 import os
+import random
 import warnings
 from pathlib import Path
 from typing import Callable, NamedTuple, Optional, Union
@@ -14,9 +15,7 @@ from typing import Callable, NamedTuple, Optional, Union
 import numpy as np
 import torch
 from PIL import Image, ImageOps, UnidentifiedImageError
-from torchvision import tv_tensors
 from torchvision.io import ImageReadMode, decode_jpeg
-from torchvision.transforms import RandomResizedCrop, v2
 
 from loravl.data import skips
 from loravl.data.skips import Skip
@@ -31,48 +30,101 @@ _WHITE = (255, 255, 255)
 
 
 def build_transform(image_size: int, train: bool, *, crop_scale: tuple[float, float] = (0.5, 1.0),
-                    hflip: bool = False) -> Callable[[Union[Image.Image, torch.Tensor]], torch.Tensor]:
-    """PIL RGB image or uint8 tensor -> uint8 RGB tensor [3, image_size, image_size], 0-255.
+                    hflip: bool = False) -> Callable[..., torch.Tensor]:
+    """PIL RGB image or uint8 tensor -> uint8 RGB tensor [3, image_size, image_size], 0-255, channels-last in memory.
 
-    train: RandomResizedCrop (area fraction in ``crop_scale``), no flip unless asked (flips break "left of");
-    eval: resize the short side, centre crop. The vision encoder normalises on the device
-    (``loravl.vision.normalize_pixels``): a uint8 batch is a quarter of the bytes to collate, pin and copy.
+    train: RandomResizedCrop (area fraction in ``crop_scale``), no flip unless asked (flips break "left of"); it
+    draws from the ``random.Random`` it is given, ``transform(image, rng)``. eval: resize the short side, centre
+    crop. The vision encoder normalises on the device (``loravl.vision.normalize_pixels``, any memory layout): a
+    uint8 batch is a quarter of the bytes to collate, pin and copy.
     """
-    # Crop and resize run on the uint8 tensor in channels-last memory, torch's vectorised antialiased bilinear
-    # path: on a 640x480 photo 0.46 ms against Pillow's 1.25 ms (2-core dev box), within one grey level of it.
     if train:
-        return RandomResizedCropUint8(image_size, crop_scale, v2.RandomHorizontalFlip() if hflip else None)
-    return v2.Compose([ToUint8Tensor(), v2.Resize(image_size, antialias=True), v2.CenterCrop(image_size),
-                       Contiguous()])
+        return RandomResizedCropUint8(image_size, crop_scale, hflip=hflip)
+    return ResizeCenterCropUint8(image_size)
+
+
+def channels_last(pixels: torch.Tensor) -> torch.Tensor:
+    """A [3, H, W] image whose memory is [H, W, 3], as decoded: what the resize's vectorised uint8 path reads and
+    writes without repacking, and what the collator stacks with plain copies (BENCHMARKS.md)."""
+    return _hwc(pixels).permute(2, 0, 1)
+
+
+def _hwc(pixels: torch.Tensor) -> torch.Tensor:
+    hwc = pixels.permute(1, 2, 0)
+    return hwc if hwc.is_contiguous() else hwc.contiguous()
+
+
+def resize_uint8(pixels: torch.Tensor, size: tuple[int, int]) -> torch.Tensor:
+    """Antialiased bilinear resize of a uint8 [3, h, w] image (a crop view is fine), channels-last out.
+
+    torch's uint8 path repacks a strided input and a channels-first output pixel by pixel; on a channels-last
+    copy of the crop it runs as is, 0.25 against 0.32 ms a 640x480 photo's crop (2-core dev box)."""
+    batch = _hwc(pixels).unsqueeze(0).permute(0, 3, 1, 2)  # [1, 3, h, w], channels-last with a whole-image stride
+    return torch.nn.functional.interpolate(batch, size=size, mode="bilinear", align_corners=False,
+                                           antialias=True)[0]
 
 
 class RandomResizedCropUint8:
-    """The train transform: torchvision's RandomResizedCrop on a uint8 image, called as its two parts, the crop's
-    sampling (``RandomResizedCrop.get_params``) and the resize (``interpolate``, bilinear, antialiased, what its
-    kernel calls), so the same seed gives the same pixels (tested). Without the v2 pipeline's dispatch around
-    them: a few percent of a loader worker's time a sample (BENCHMARKS.md)."""
+    """The train transform: torchvision's RandomResizedCrop (the same sampling of area and aspect ratio as
+    ``RandomResizedCrop.get_params``, then the same antialiased bilinear resize) on a uint8 image, and a
+    horizontal flip if asked. It draws from the ``random.Random`` passed in (the sample's own, seeded by
+    (seed, epoch, key)), so no torch RNG state is read, forked or seeded per sample."""
 
-    def __init__(self, size: int, scale: tuple[float, float], flip: Optional[Callable] = None,
+    def __init__(self, size: int, scale: tuple[float, float], *, hflip: bool = False,
                  ratio: tuple[float, float] = (3.0 / 4.0, 4.0 / 3.0)) -> None:
-        self.size, self.scale, self.ratio, self.flip = size, list(scale), list(ratio), flip
+        self.size, self.scale, self.ratio, self.hflip = size, scale, ratio, hflip
+        self._log_ratio = (math.log(ratio[0]), math.log(ratio[1]))
 
-    def __call__(self, image: Union[Image.Image, torch.Tensor]) -> torch.Tensor:
+    def crop_params(self, height: int, width: int, rng: random.Random) -> tuple[int, int, int, int]:
+        """(top, left, crop height, crop width): ``RandomResizedCrop.get_params``'s algorithm, drawn from ``rng``."""
+        area = height * width
+        for _ in range(10):
+            target_area = area * rng.uniform(*self.scale)
+            aspect_ratio = math.exp(rng.uniform(*self._log_ratio))
+            w = int(round(math.sqrt(target_area * aspect_ratio)))
+            h = int(round(math.sqrt(target_area / aspect_ratio)))
+            if 0 < w <= width and 0 < h <= height:
+                return rng.randint(0, height - h), rng.randint(0, width - w), h, w
+        # Fallback to a central crop, as torchvision does.
+        in_ratio = width / height
+        if in_ratio < self.ratio[0]:
+            w, h = width, int(round(width / self.ratio[0]))
+        elif in_ratio > self.ratio[1]:
+            h, w = height, int(round(height * self.ratio[1]))
+        else:
+            w, h = width, height
+        return (height - h) // 2, (width - w) // 2, h, w
+
+    def __call__(self, image: Union[Image.Image, torch.Tensor], rng: Optional[random.Random] = None) -> torch.Tensor:
+        rng = rng if rng is not None else random.Random()
         pixels = uint8_pixels(image)
-        top, left, height, width = RandomResizedCrop.get_params(pixels, self.scale, self.ratio)
-        crop = pixels[:, top:top + height, left:left + width].unsqueeze(0)
-        out = torch.nn.functional.interpolate(crop, size=(self.size, self.size), mode="bilinear",
-                                              align_corners=False, antialias=True)[0]
-        if self.flip is not None:
-            out = self.flip(out)
-        return out.contiguous()
+        top, left, height, width = self.crop_params(pixels.shape[1], pixels.shape[2], rng)
+        out = resize_uint8(pixels[:, top:top + height, left:left + width], (self.size, self.size))
+        if self.hflip and rng.random() < 0.5:
+            out = out.flip(-1)
+        return out
 
 
-class ToUint8Tensor:
-    """RGB PIL image -> uint8 image tensor [3, H, W], a channels-last view of one copy of the pixels. A uint8
-    tensor (``load_rgb_image(..., as_tensor=True)``) passes as it is."""
+class ResizeCenterCropUint8:
+    """The eval transform: resize the short side to ``size`` (antialiased bilinear), centre crop; channels-last
+    out. The same pixels as torchvision's ``Resize(size, antialias=True)`` and ``CenterCrop(size)`` (tested)."""
 
-    def __call__(self, image: Union[Image.Image, torch.Tensor]) -> tv_tensors.Image:
-        return tv_tensors.Image(uint8_pixels(image))
+    def __init__(self, size: int) -> None:
+        self.size = size
+
+    def __call__(self, image: Union[Image.Image, torch.Tensor], rng: Optional[random.Random] = None) -> torch.Tensor:
+        pixels = uint8_pixels(image)
+        height, width = pixels.shape[1], pixels.shape[2]
+        # torchvision's Resize(int): the short side to size, the long side scaled and truncated
+        if height <= width:
+            new_height, new_width = self.size, int(self.size * width / height)
+        else:
+            new_height, new_width = int(self.size * height / width), self.size
+        if (new_height, new_width) != (height, width):
+            pixels = resize_uint8(pixels, (new_height, new_width))
+        top = int(round((new_height - self.size) / 2.0))
+        left = int(round((new_width - self.size) / 2.0))
+        return channels_last(pixels[:, top:top + self.size, left:left + self.size])
 
 
 def uint8_pixels(image: Union[Image.Image, torch.Tensor]) -> torch.Tensor:
@@ -80,13 +132,6 @@ def uint8_pixels(image: Union[Image.Image, torch.Tensor]) -> torch.Tensor:
     if isinstance(image, torch.Tensor):
         return image
     return torch.from_numpy(np.array(image, dtype=np.uint8)).permute(2, 0, 1)
-
-
-class Contiguous:
-    """The transform's output as a plain contiguous tensor (a centre crop is a view of the resized image)."""
-
-    def __call__(self, image: torch.Tensor) -> torch.Tensor:
-        return image.as_subclass(torch.Tensor).contiguous()
 
 
 def decode_target_size(image_size: int, train: bool, crop_scale_min: float) -> int:
@@ -216,6 +261,15 @@ def load_rgb_image(source: ImageSource, *, max_pixels: int, min_size: int, targe
                 return Skip(skips.EMPTY_FILE)
             data = source if as_tensor else None
             stream: Union[io.BytesIO, Path] = io.BytesIO(source)
+        elif as_tensor:  # read once: the header is parsed from these bytes, torchvision decodes them
+            try:  # open and read, no separate checks first: pathlib's two stats were 3% of a worker's sample
+                with open(source, "rb") as file:
+                    data = file.read()
+            except (FileNotFoundError, IsADirectoryError, NotADirectoryError):
+                return Skip(skips.MISSING_FILE, os.fspath(source))
+            if not data:
+                return Skip(skips.EMPTY_FILE, os.fspath(source))
+            stream = io.BytesIO(data)
         else:
             path = Path(source)
             if not path.is_file():
@@ -223,9 +277,6 @@ def load_rgb_image(source: ImageSource, *, max_pixels: int, min_size: int, targe
             if path.stat().st_size == 0:
                 return Skip(skips.EMPTY_FILE, str(path))
             stream = path
-            if as_tensor:  # read once: the header is parsed from these bytes, torchvision decodes them
-                data = path.read_bytes()
-                stream = io.BytesIO(data)
         if data is not None:
             fast = _plain_jpeg_pixels(data, max_pixels=max_pixels, min_size=min_size, target_size=target_size)
             if fast is not None:

@@ -15,7 +15,7 @@ from torchdata.stateful_dataloader import StatefulDataLoader
 from torchdata.stateful_dataloader.sampler import StatefulDistributedSampler
 
 from loravl.config import DataConfig
-from loravl.data.collate import CaptionCollator, Tokenize
+from loravl.data.collate import CaptionCollator, SharedBatchSlots, Tokenize
 from loravl.data.datasets import CaptionDataset, SampleBuilder, StreamingCaptionDataset
 from loravl.data.formats import is_streaming, open_source
 from loravl.data.images import build_transform, decode_target_size
@@ -67,11 +67,14 @@ class CaptionLoader:
     """
 
     def __init__(self, loader: StatefulDataLoader, dataset: AnyCaptionDataset,
-                 sampler: Optional[EpochDistributedSampler], max_skip_fraction: float) -> None:
+                 sampler: Optional[EpochDistributedSampler], max_skip_fraction: float,
+                 slots: Optional[SharedBatchSlots] = None) -> None:
         self.loader = loader
         self.dataset = dataset
         self.sampler = sampler
         self.max_skip_fraction = max_skip_fraction
+        self.slots = slots
+        self._slot_pixels: dict[int, torch.Tensor] = {}  # this process's mapping of each slot, kept
         self.skips = SkipCounter()
         self._epoch = 0
         self.set_epoch(0)
@@ -96,7 +99,16 @@ class CaptionLoader:
         return len(self.loader)
 
     def __iter__(self) -> Iterator[dict[str, Any]]:
+        if self.slots is not None:
+            self.slots.release_all()
         for batch in self.loader:
+            slot = batch.pop("pixel_slot", None)
+            if slot is not None:
+                if not self.loader.pin_memory:  # still the slot's memory: copy it out before the worker reuses it
+                    batch["pixel_values"] = batch["pixel_values"].clone()
+                # (pinned: the pin thread copied it already)
+                self._slot_pixels[slot.index] = slot.pixels
+                self.slots.release(slot.index)
             self.skips.update(batch)
             self.skips.check(self.max_skip_fraction, min_seen=MIN_SAMPLES_BEFORE_SKIP_CHECK)
             if len(batch["captions"]) == 0:
@@ -139,7 +151,11 @@ def build_dataloader(dataset: AnyCaptionDataset, cfg: DataConfig, batch_size: in
     num_workers = resolve_num_workers(cfg.num_workers if num_workers is None else num_workers)
     drop_last = train if drop_last is None else drop_last
     dataset.builder.seed = seed
-    collate = CaptionCollator(dataset.builder.image_size, tokenize=tokenize, keep_all_captions=not train)
+    pin_memory = torch.cuda.is_available()
+    # A worker has at most prefetch_factor batches in flight; one slot more for the batch being released.
+    slots = SharedBatchSlots(num_workers, cfg.prefetch_factor + 2) if num_workers > 0 else None
+    collate = CaptionCollator(dataset.builder.image_size, tokenize=tokenize, keep_all_captions=not train,
+                              slots=slots)
     sampler: Optional[EpochDistributedSampler] = None
     if isinstance(dataset, StreamingCaptionDataset):
         dataset.seed = seed
@@ -149,6 +165,6 @@ def build_dataloader(dataset: AnyCaptionDataset, cfg: DataConfig, batch_size: in
         sampler = EpochDistributedSampler(dataset, num_replicas=world_size, rank=rank, shuffle=train, seed=seed)
     loader = StatefulDataLoader(
         dataset, batch_size=batch_size, sampler=sampler, num_workers=num_workers, collate_fn=collate,
-        pin_memory=torch.cuda.is_available(), drop_last=drop_last,
+        pin_memory=pin_memory, drop_last=drop_last,
         persistent_workers=num_workers > 0, prefetch_factor=cfg.prefetch_factor if num_workers > 0 else None)
-    return CaptionLoader(loader, dataset, sampler, cfg.max_skip_fraction)
+    return CaptionLoader(loader, dataset, sampler, cfg.max_skip_fraction, slots)
