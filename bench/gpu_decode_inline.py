@@ -6,14 +6,11 @@ import json, os, sys, time
 from pathlib import Path
 import torch
 from torchvision.io import decode_jpeg, ImageReadMode
-from torchvision.ops import roi_align
 sys.path.insert(0, "bench")
-from throughput import encoded_jpegs
+from throughput import gpu_crops, probe_batches
 out = Path(os.environ.get("OUT", "/tmp"))
-files = encoded_jpegs(Path("/tmp/probe_jpegs"), 2048)
 dev = torch.device("cuda"); B = 128
-batches = [files[i:i + B] for i in range(0, 2048, B)]
-boxes = torch.tensor([[i, 10., 20., 510., 420.] for i in range(B)]).pin_memory()
+batches, boxes = probe_batches(B, dev)
 res = {}
 x = torch.randn(B * 257, 768, device=dev, dtype=torch.bfloat16); w = torch.randn(768, 3072, device=dev, dtype=torch.bfloat16)
 w2 = torch.randn(3072, 768, device=dev, dtype=torch.bfloat16)
@@ -30,8 +27,7 @@ def decode(k, stream):
         t0 = time.perf_counter()
         imgs = decode_jpeg(batches[k % len(batches)], mode=ImageReadMode.RGB, device=dev)
         t1 = time.perf_counter()
-        xx = torch.stack(imgs).float()
-        yy = roi_align(xx, boxes.to(dev, non_blocking=True), output_size=224, sampling_ratio=2, aligned=True).round_().to(torch.uint8)
+        yy = gpu_crops(imgs, boxes)
         ev = torch.cuda.Event(); ev.record(stream)
     return yy, ev, t1 - t0, time.perf_counter() - t1
 def run(mode, priority, steps=60):

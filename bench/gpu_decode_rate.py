@@ -7,7 +7,7 @@ from pathlib import Path
 import torch, torchvision
 from torchvision.io import decode_jpeg, ImageReadMode
 sys.path.insert(0, "bench")
-from throughput import encoded_jpegs
+from throughput import crop_boxes, encoded_jpegs, gpu_crops
 out = Path(os.environ.get("OUT", "/tmp"))
 res = {"torch": torch.__version__, "torchvision": torchvision.__version__}
 res["lscpu"] = subprocess.run("lscpu | egrep 'Model name|Thread|Core|Socket|MHz|^CPU\\(s\\)'", shell=True, capture_output=True, text=True).stdout
@@ -52,13 +52,11 @@ res["matmul_400_alone_s"] = alone; res["matmul_400_with_decode_s"] = both
 res["decode_img_s_during_matmul"] = (c1 - c0) * B / both
 print(res, flush=True)
 # crop + resize on the GPU: roi_align over a padded uint8->float batch, and a per-image loop
-from torchvision.ops import roi_align
 import torch.nn.functional as F
 imgs = decode_jpeg(batches[0], mode=ImageReadMode.RGB, device=dev)
-boxes = torch.tensor([[i, 10., 20., 10. + 500, 20. + 400] for i in range(B)], device=dev)
+boxes = crop_boxes(B, dev)
 def roi():
-    x = torch.stack(imgs).float()
-    return roi_align(x, boxes, output_size=224, spatial_scale=1.0, sampling_ratio=2, aligned=True).round_().clamp_(0, 255).to(torch.uint8)
+    return gpu_crops(imgs, boxes)
 def loop():
     return torch.stack([F.interpolate(im[None, :, 20:420, 10:510].float(), size=(224, 224), mode="bilinear", antialias=True, align_corners=False)[0] for im in imgs]).round_().clamp_(0, 255).to(torch.uint8)
 for name, fn in (("roi_align", roi), ("interp_loop", loop)):

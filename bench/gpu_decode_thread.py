@@ -6,20 +6,16 @@ import json, os, sys, time, threading, queue
 from pathlib import Path
 import torch
 from torchvision.io import decode_jpeg, ImageReadMode
-from torchvision.ops import roi_align
 sys.path.insert(0, "bench")
-from throughput import encoded_jpegs
+from throughput import gpu_crops, probe_batches
 out = Path(os.environ.get("OUT", "/tmp"))
-files = encoded_jpegs(Path("/tmp/probe_jpegs"), 2048)
 dev = torch.device("cuda"); B = 128
-batches = [files[i:i + B] for i in range(0, 2048, B)]
-boxes = torch.tensor([[i, 10., 20., 510., 420.] for i in range(B)])
+batches, boxes = probe_batches(B, dev)
 res = {}
 def decode_batch(k, stream):
     with torch.cuda.stream(stream):
         imgs = decode_jpeg(batches[k % len(batches)], mode=ImageReadMode.RGB, device=dev)
-        x = torch.stack(imgs).float()
-        y = roi_align(x, boxes.to(dev, non_blocking=True), output_size=224, sampling_ratio=2, aligned=True).round_().to(torch.uint8)
+        y = gpu_crops(imgs, boxes)
         ev = torch.cuda.Event(); ev.record(stream)
     return y, ev
 a = torch.randn(8192, 8192, device=dev, dtype=torch.bfloat16); bm = torch.randn(8192, 8192, device=dev, dtype=torch.bfloat16)

@@ -462,6 +462,26 @@ def encoded_jpegs(folder: Path, n: int) -> list[torch.Tensor]:
             for i in range(n)]
 
 
+def gpu_crops(images: list[torch.Tensor], boxes: torch.Tensor) -> torch.Tensor:
+    """Same-size decoded uint8 images on the GPU -> each box's crop resized to 224, uint8: ``roi_align`` over the
+    batch (bilinear, not antialiased), the GPU crop the nvJPEG probes time (bench/gpu_decode_*.py)."""
+    from torchvision.ops import roi_align
+    x = torch.stack(images).float()
+    return roi_align(x, boxes, output_size=224, sampling_ratio=2, aligned=True).round_().clamp_(0, 255).to(torch.uint8)
+
+
+def probe_batches(batch: int, device: torch.device) -> tuple[list[list[torch.Tensor]], torch.Tensor]:
+    """The nvJPEG overlap probes' input: 2,048 of the bench's JPEGs as encoded bytes in batches, and the batch's
+    crop boxes on ``device``."""
+    files = encoded_jpegs(Path("/tmp/probe_jpegs"), 2048)
+    return [files[i:i + batch] for i in range(0, len(files), batch)], crop_boxes(batch, device)
+
+
+def crop_boxes(batch: int, device: torch.device) -> torch.Tensor:
+    """The probes' crop of each 640x480 JPEG of a batch: ``gpu_crops``' boxes [index, x1, y1, x2, y2]."""
+    return torch.tensor([[i, 10., 20., 510., 420.] for i in range(batch)], device=device)
+
+
 def _write_chunk(job):
     import numpy as np
     from PIL import Image

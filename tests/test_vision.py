@@ -6,7 +6,8 @@ from transformers import AutoModel, Dinov2Config, Dinov2WithRegistersConfig, Din
 
 from loravl.compressor import TokenCompressor
 from loravl.config import CompressorConfig, ConfigError, LoraConfig, VisionConfig
-from loravl.vision import GeluMLP, PatchProjection, VisionEncoder, num_image_tokens, resolve_target_modules
+from loravl.vision import (GeluMLP, PatchProjection, VisionEncoder, normalize_pixels, num_image_tokens,
+                           resolve_target_modules)
 
 from conftest import tiny_dinov2_config
 
@@ -65,6 +66,11 @@ def test_uint8_images_are_normalised_as_the_float_path_expects(tiny_dinov2_path)
     with torch.no_grad():
         torch.testing.assert_close(encoder(pixels), encoder(normalised.float()), rtol=1e-5, atol=1e-5)
         assert not torch.allclose(encoder(pixels), encoder(pixels.float()), atol=1e-2)  # 0-255 is not normalised
+        # The loader's batches are channels-last in memory: the same images give the same tokens.
+        channels_last = pixels.permute(0, 2, 3, 1).contiguous().permute(0, 3, 1, 2)
+        assert not channels_last.is_contiguous() and torch.equal(channels_last, pixels)
+        assert torch.equal(encoder(channels_last), encoder(pixels))
+        assert normalize_pixels(channels_last, encoder.pixel_scale, encoder.pixel_offset).is_contiguous()
     assert not any("pixel_" in k for k in encoder.state_dict())  # constants, not checkpoint content
 
 
