@@ -227,3 +227,23 @@ def test_the_collator_leaves_gpu_rows_blank_and_carries_their_jpegs():
 def test_the_share_must_be_a_fraction():
     with pytest.raises(ConfigError, match="gpu_decode_share"):
         DataConfig(format="jsonl", train_path="x", gpu_decode_share=1.5).validate("data")
+
+
+def test_broken_files_picked_for_the_gpu_give_the_cpu_paths_skips(tmp_path):
+    """Missing, empty, unreadable-as-JPEG and oversized files picked for the GPU are skipped for the same reason
+    as by the CPU path."""
+    (tmp_path / "empty.jpg").write_bytes(b"")
+    (tmp_path / "text.jpg").write_text("not a picture\n" * 20)
+    (tmp_path / "big.jpg").write_bytes(_jpeg(1200, 1000, 1))
+    (tmp_path / "a_folder.jpg").mkdir()
+    names = ["missing.jpg", "empty.jpg", "text.jpg", "big.jpg", "a_folder.jpg"]
+    manifest = tmp_path / "train.jsonl"
+    manifest.write_text("".join(json.dumps({"image": n, "caption": "c"}) + "\n" for n in names))
+
+    def reasons(share):
+        cfg = DataConfig(format="jsonl", train_path=str(manifest), gpu_decode_share=share, max_image_pixels=10**6)
+        dataset = build_dataset(cfg, "train", 32)
+        return [dataset[(i, 0)].reason for i in range(len(names))]
+
+    assert reasons(1.0) == reasons(0.0) == ["missing_file", "empty_file", "not_an_image", "decompression_bomb",
+                                            "missing_file"]

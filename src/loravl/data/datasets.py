@@ -53,11 +53,14 @@ class SampleBuilder:
             return Skip(skips.NO_IMAGE)
         source = record.image
         if self.train and decodes_on_gpu(key, self.gpu_decode_share):
-            data = read_image_bytes(source)
+            try:
+                data = read_image_bytes(source)
+            except OSError:  # unreadable: load_rgb_image below says how, as a Skip
+                data = None
             if isinstance(data, Skip):
                 return data
-            frame = gpu_jpeg_frame(data, max_pixels=self.max_pixels, min_size=self.min_size,
-                                   target_size=self.decode_size)
+            frame = None if data is None else gpu_jpeg_frame(data, max_pixels=self.max_pixels,
+                                                              min_size=self.min_size, target_size=self.decode_size)
             if isinstance(frame, Skip):
                 return frame
             if frame is not None and isinstance(self.transform, RandomResizedCropUint8):
@@ -65,7 +68,8 @@ class SampleBuilder:
                 caption = record.captions[rng.randrange(len(record.captions))]
                 return {**gpu_sample(data, frame, self.transform, rng), "caption": caption,
                         "captions": list(record.captions), "image_id": record.image_id}
-            source = data  # the CPU path decodes the bytes already read
+            if data is not None:
+                source = data  # the CPU path decodes the bytes already read
         image = load_rgb_image(source, max_pixels=self.max_pixels, min_size=self.min_size,
                                target_size=self.decode_size, as_tensor=True)
         if isinstance(image, Skip):
