@@ -11,8 +11,8 @@ Decoding is most of a worker's time, and on some hosts the workers cannot keep u
   all of them, flipped, and written into the batch's pixels before the step.
 
 The share is a fixed set of sample keys (``decodes_on_gpu``), the same every epoch, on every rank and in a resumed
-run. Only baseline colour JPEGs that are upright, complete (end marker present) and decoded at full scale go to the
-GPU; any other file takes the CPU path. The resize is the CPU path's, pixel for pixel (tests/test_gpu_decode.py);
+run. Only baseline colour JPEGs that are upright, complete (end marker present), at most 2 MP and decoded at full
+scale go to the GPU; any other file takes the CPU path. The resize is the CPU path's, pixel for pixel (tests/test_gpu_decode.py);
 nvJPEG's decode may differ from libjpeg-turbo's by its own rounding (measured by bench/gpu_decode_check.py).
 """
 from __future__ import annotations
