@@ -21,7 +21,7 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "src"))
-from throughput import write_jpegs  # noqa: E402
+from throughput import ensure_jpegs  # noqa: E402
 from loravl.data.images import build_transform, decode_jpeg_rgb  # noqa: E402
 
 
@@ -55,8 +55,7 @@ def main() -> None:
     p.add_argument("--n", type=int, default=200)
     args = p.parse_args()
     folder = Path(args.jpegs)
-    if not (folder / "manifest.jsonl").exists():
-        write_jpegs(folder, args.n)
+    ensure_jpegs(folder, args.n)
     rows = []
     ctx = mp.get_context("fork")
     for stage in args.stages.split(","):

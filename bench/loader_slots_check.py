@@ -12,7 +12,7 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent)); sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "src"))
-from throughput import write_jpegs  # noqa: E402
+from throughput import ensure_jpegs  # noqa: E402
 from loravl.config import DataConfig  # noqa: E402
 from loravl.data import build_dataloader, build_dataset  # noqa: E402
 
@@ -21,8 +21,7 @@ parser.add_argument("--jpegs", default="/tmp/slot_jpegs")
 parser.add_argument("--images", type=int, default=1024)
 args = parser.parse_args()
 folder = Path(args.jpegs)
-if not (folder / "manifest.jsonl").exists():
-    write_jpegs(folder, args.images)
+ensure_jpegs(folder, args.images)
 cfg = DataConfig(format="jsonl", train_path=str(folder / "manifest.jsonl"), prefetch_factor=2)
 
 

@@ -23,7 +23,7 @@ from torchvision.io import ImageReadMode, decode_jpeg
 from torchvision.transforms import RandomResizedCrop, v2
 
 sys.path.insert(0, "bench"); sys.path.insert(0, "src")
-from throughput import write_jpegs  # noqa: E402
+from throughput import ensure_jpegs  # noqa: E402
 from loravl.config import DataConfig  # noqa: E402
 from loravl.data import build_dataset  # noqa: E402
 from loravl.data.collate import CaptionCollator  # noqa: E402
@@ -32,8 +32,7 @@ from loravl.data.images import decode_jpeg_rgb, load_rgb_image  # noqa: E402
 torch.set_num_threads(1)
 folder = Path(os.environ.get("JPEGS", "/tmp/stage_jpegs"))
 n = 600
-if not (folder / "manifest.jsonl").exists():
-    write_jpegs(folder, n)
+ensure_jpegs(folder, n)
 ds = build_dataset(DataConfig(format="jsonl", train_path=str(folder / "manifest.jsonl")), "train", 224)
 files = [(folder / f"img{i:06d}.jpg") for i in range(n)]
 res = {}

@@ -181,11 +181,10 @@ def main() -> None:
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
 
-    from throughput import write_jpegs
+    from throughput import ensure_jpegs
     jpegs = out / "jpegs"
     t0 = time.time()
-    if not (jpegs / "manifest.jsonl").exists():
-        write_jpegs(jpegs, args.num_jpegs)
+    ensure_jpegs(jpegs, args.num_jpegs)
     print(f"{args.num_jpegs} JPEGs ready in {time.time() - t0:.0f}s", flush=True)
 
     results = {"runs": [], "args": vars(args)}

@@ -454,10 +454,18 @@ def write_jpegs(folder: Path, n: int, size=(640, 480)) -> None:
             f.write(json.dumps({"image": f"img{i:06d}.jpg", "caption": caption}) + "\n")
 
 
+def ensure_jpegs(folder: Path, n: int) -> Path:
+    """The manifest of at least ``n`` of the bench's JPEGs in ``folder``, written unless there already."""
+    manifest = folder / "manifest.jsonl"
+    if not manifest.exists() or sum(1 for _ in open(manifest)) < n:
+        write_jpegs(folder, n)
+    return manifest
+
+
 def encoded_jpegs(folder: Path, n: int) -> list[torch.Tensor]:
-    """``n`` of the bench's JPEGs written to ``folder`` and read back as uint8 tensors of their bytes, what
+    """``n`` of the bench's JPEGs in ``folder`` (written if missing) read back as uint8 tensors of their bytes, what
     ``torchvision.io.decode_jpeg`` takes (bench/gpu_decode_*.py)."""
-    write_jpegs(folder, n)
+    ensure_jpegs(folder, n)
     return [torch.frombuffer(bytearray((folder / f"img{i:06d}.jpg").read_bytes()), dtype=torch.uint8)
             for i in range(n)]
 
@@ -497,8 +505,7 @@ def bench_loader(timer, device, args, tokenizer, dinov2_dir) -> list[dict]:
     from loravl.data import build_dataloader, build_dataset
     folder = Path(args.jpeg_dir or tempfile.mkdtemp()) / "jpegs"
     t0 = time.perf_counter()
-    if not (folder / "manifest.jsonl").exists():
-        write_jpegs(folder, args.num_jpegs)
+    ensure_jpegs(folder, args.num_jpegs)
     write_s = time.perf_counter() - t0
     data_cfg = DataConfig(format="jsonl", train_path=str(folder / "manifest.jsonl"), num_workers=args.workers,
                           prefetch_factor=4)

@@ -43,16 +43,19 @@ def test_resized_crops_are_the_cpu_resize_pixel_for_pixel():
     products give ``resize_uint8``'s pixels exactly while a crop is under three times the output; one grey level
     at most beyond (float32 sums over 2**24)."""
     g = torch.Generator().manual_seed(0)
+
+    def draw(low: int, high: int) -> int:  # in [low, high)
+        return int(torch.randint(low, high, (1,), generator=g))
+
     worst_large = 0
     for trial in range(300):
-        size = int(torch.randint(8, 48, (1,), generator=g))
+        size = draw(8, 48)
         images, crops, expected = [], [], []
         for _ in range(3):
-            height, width = (int(v) for v in torch.randint(4, 200, (2,), generator=g))
+            height, width = draw(4, 200), draw(4, 200)
             image = torch.randint(0, 256, (3, height, width), dtype=torch.uint8, generator=g)
-            h, w = int(torch.randint(1, height + 1, (1,), generator=g)), int(torch.randint(1, width + 1, (1,), generator=g))
-            top, left = int(torch.randint(0, height - h + 1, (1,), generator=g)), int(torch.randint(0, width - w + 1, (1,), generator=g))
-            flip = int(torch.randint(0, 2, (1,), generator=g))
+            h, w = draw(1, height + 1), draw(1, width + 1)
+            top, left, flip = draw(0, height - h + 1), draw(0, width - w + 1), draw(0, 2)
             out = resize_uint8(image[:, top:top + h, left:left + w], (size, size))
             images.append(image)
             crops.append((top, left, h, w, flip))

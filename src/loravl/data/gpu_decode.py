@@ -12,8 +12,9 @@ Decoding is most of a worker's time, and on some hosts the workers cannot keep u
 
 The share is a fixed set of sample keys (``decodes_on_gpu``), the same every epoch, on every rank and in a resumed
 run. Only baseline colour JPEGs that are upright, complete (end marker present), at most 2 MP and decoded at full
-scale go to the GPU; any other file takes the CPU path. The resize is the CPU path's, pixel for pixel (tests/test_gpu_decode.py);
-nvJPEG's decode may differ from libjpeg-turbo's by its own rounding (measured by bench/gpu_decode_check.py).
+scale go to the GPU; any other file takes the CPU path. The resize is the CPU path's, pixel for pixel
+(tests/test_gpu_decode.py); nvJPEG's decode may differ from libjpeg-turbo's by its own rounding, which
+bench/gpu_decode_check.py measures on a GPU (not run yet, BENCHMARKS.md).
 """
 from __future__ import annotations
 
