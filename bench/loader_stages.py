@@ -2,8 +2,7 @@
 
     JPEGS=/tmp/stage_jpegs python3 bench/loader_stages.py   # writes $OUT/stages.json (or /tmp/stages.json)
 
-Also times a sample the worker leaves to the GPU (``data.gpu_decode_share``: read, header checks, crop drawn) and
-alternatives: simplejpeg's decoding (libjpeg-turbo's TurboJPEG API, if installed; not a dependency),
+Also times alternatives: simplejpeg's decoding (libjpeg-turbo's TurboJPEG API, if installed; not a dependency),
 exact and with its inexact fast DCT and upsampling, against torchvision's decode_jpeg (the loader's); the train
 crop through torchvision's v2 pipeline and the resize on the crop's view (the loader's before) against
 the loader's ``RandomResizedCropUint8``.
@@ -85,14 +84,9 @@ t("crop+resize: on the crop's view (before)", strided_crop)
 tr = ds.builder.transform
 t("crop+resize: the loader's transform", lambda i: tr(img[i % 20], random.Random(i)))
 t("dataset[(i, 0)]", lambda i: ds[(i, 0)])
-on_gpu = build_dataset(DataConfig(format="jsonl", train_path=str(folder / "manifest.jsonl"), gpu_decode_share=1.0),
-                       "train", 224)
-t("dataset[(i, 0)] left to the GPU (data.gpu_decode_share)", lambda i: on_gpu[(i, 0)])
 samples = [ds[(i, 0)] for i in range(128)]
 col = CaptionCollator(224)
 t("collate 128 (per sample)", lambda i: col(samples), reps=20, per=128)
-gpu_samples = [on_gpu[(i, 0)] for i in range(128)]
-t("collate 128 left to the GPU (per sample)", lambda i: col(gpu_samples), reps=20, per=128)
 
 
 def share(i):

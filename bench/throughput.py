@@ -579,12 +579,9 @@ def bench_loader(timer, device, args, tokenizer, dinov2_dir) -> list[dict]:
     # The same compiled step fed by other loaders: another worker count, or workers at a lower scheduling
     # priority (niceness) than this process, so that the process launching the GPU's work gets a core at once.
     for variant in filter(None, args.loader_variants.split(",")):
-        workers, *options = variant.split(":")
-        nice = next((o[4:] for o in options if o.startswith("nice")), "")
-        share = float(next((o[5:] for o in options if o.startswith("share")), 0))
+        workers, _, nice = variant.partition(":nice")
         del it, loader
         gc.collect()  # the previous loader's workers exit
-        dataset.builder.gpu_decode_share = share  # the new workers' copy of the dataset has it
         loader = build_dataloader(dataset, dataclasses.replace(data_cfg, num_workers=int(workers)), args.batch_size,
                                   train=True, seed=1, tokenize=tokenizer)
         known = set(cpu_use.descendants(os.getpid()))
@@ -595,8 +592,7 @@ def bench_loader(timer, device, args, tokenizer, dinov2_dir) -> list[dict]:
         start_up = int(workers) * data_cfg.prefetch_factor
         for _ in range(start_up):
             next(it)
-        rows.append(timed_row(f", {workers} workers" + (f" at niceness {nice}" if nice else "")
-                              + (f", {share:.0%} of the JPEGs decoded by the step's process" if share else ""),
+        rows.append(timed_row(f", {workers} workers" + (f" at niceness {nice}" if nice else ""),
                               min(args.steps, per_epoch - start_up - 2)))
         print(json.dumps(rows[-1]), flush=True)  # each as it comes: a long list may outlast a time limit
     batches = [synthetic_batch(args, tokenizer, device, seed=s) for s in range(4)]
@@ -670,8 +666,7 @@ def main() -> None:
     p.add_argument("--jpeg_dir", default="")
     p.add_argument("--loader_variants", default="",
                    help="the loader section's step also fed by these loaders: worker counts, each optionally at a "
-                        "niceness and with a share of the JPEGs decoded on the GPU (data.gpu_decode_share), "
-                        "e.g. 16,15:nice10,15:share0.25")
+                        "niceness, e.g. 16,15:nice10")
     p.add_argument("--profile_dir", default="", help="write a profiler table of one step per phase here")
     p.add_argument("--tiny", action="store_true", help="tiny model for a CPU smoke test")
     p.add_argument("--out", default="throughput.json")

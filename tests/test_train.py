@@ -259,13 +259,6 @@ def test_unknown_config_key_is_named(tmp_path, data_root):
     assert "lora_warmup_epoch" in done.stderr and "config error" in done.stderr
 
 
-def test_gpu_decode_share_on_cpu_fails_at_start_naming_the_field(tmp_path, data_root):
-    done = run(run_args(tmp_path, data_root, 16, "--data.gpu_decode_share", "0.25"), check=False)
-    assert done.returncode == 2
-    assert "data.gpu_decode_share 0.25 needs a GPU" in done.stderr and "config error" in done.stderr
-    assert not (tmp_path / "ckpt").exists() or not any((tmp_path / "ckpt").iterdir())
-
-
 def test_short_demo_learns(tmp_path):
     """The demo recipe itself (configs/demo.yaml, its model and data), shortened: the captioning loss falls well
     below where it starts, through both phases, and the export is written."""

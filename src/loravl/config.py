@@ -210,10 +210,6 @@ class DataConfig:
     crop_scale_min: float = 0.5
     # Horizontal flips swap "left of"/"right of" in captions, so they are off unless asked for.
     hflip: bool = False
-    # This fraction of the train JPEGs is decoded on the training process's GPU (nvJPEG) instead of by the loader's
-    # workers: for a host whose cores decode slower than the GPU trains (loravl.data.gpu_decode, BENCHMARKS.md).
-    # CUDA only; the GPU's decoding costs step time, so leave it 0 where the workers keep up.
-    gpu_decode_share: float = 0.0
     # Demo data generator
     demo_train_size: int = 2000
     demo_val_size: int = 200
@@ -232,7 +228,6 @@ class DataConfig:
         _check(self.stream_shuffle_window >= 1, prefix, "stream_shuffle_window", "must be >= 1")
         _check(self.min_image_size >= 1, prefix, "min_image_size", "must be >= 1")
         _check(0.0 < self.crop_scale_min <= 1.0, prefix, "crop_scale_min", "must be in (0, 1]")
-        _check(0.0 <= self.gpu_decode_share <= 1.0, prefix, "gpu_decode_share", "must be in [0, 1]")
         _check(self.demo_train_size > 0 and self.demo_val_size >= 0, prefix, "demo_train_size",
                "must be > 0 (and demo_val_size >= 0)")
         _check(self.demo_image_size >= 16, prefix, "demo_image_size", "must be >= 16")

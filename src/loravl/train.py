@@ -37,7 +37,6 @@ from .checkpoint import (LATEST, Checkpointer, ModelWeights, RNGState, TrainStat
                          read_train_state, resolve_checkpoint)
 from .config import ConfigError, RunConfig, TrainConfig
 from .data import build_dataloader, build_dataset
-from .data.gpu_decode import decode_into
 from .model import VisionLanguageModel
 from .text import CaptionTokenizer, train_tokenizer
 
@@ -63,9 +62,6 @@ def _train(cfg: RunConfig, env: "DistributedEnv") -> VisionLanguageModel:
     setup_logging(Path(tc.log_dir), env.rank)
     precision = choose_precision(tc.mixed_precision, env.device)
     logger.info("Run: %d process(es) on %s, precision %s", env.world_size, env.device, precision.name)
-    if cfg.data.gpu_decode_share and env.device.type != "cuda":
-        raise ConfigError(f"data.gpu_decode_share {cfg.data.gpu_decode_share} needs a GPU to decode on "
-                          f"(this run is on {env.device}); set it to 0")
     checkpointer = Checkpointer(tc.checkpoint_dir, tc.keep_last, env.rank, env.world_size)
     resume_from = find_resume_checkpoint(tc)
 
@@ -77,10 +73,6 @@ def _train(cfg: RunConfig, env: "DistributedEnv") -> VisionLanguageModel:
                               world_size=env.world_size, tokenize=tokenizer)
     logger.info("Data: %d loader worker(s) in this process (data.num_workers %s)", loader.loader.num_workers,
                 cfg.data.num_workers)
-    if cfg.data.gpu_decode_share:
-        logger.info("Data: %.0f%% of the train images are picked for decoding on %s (data.gpu_decode_share); "
-                    "the JPEGs among them that nvJPEG takes are decoded there", 100 * cfg.data.gpu_decode_share,
-                    env.device)
     steps_per_epoch = count_steps_per_epoch(loader, tc.grad_accum_steps)
     total_steps = count_total_steps(tc, steps_per_epoch)
 
@@ -300,18 +292,12 @@ def clip_and_step(params: list[nn.Parameter], optimizer: torch.optim.Optimizer, 
 def to_device(batch: dict[str, Any], keys: tuple[str, ...], device: torch.device) -> dict[str, torch.Tensor]:
     """The step's inputs on ``device``. On a GPU they are copied on a stream of their own, which the step's stream
     then waits for: the host runs ahead of the GPU, so the copy (19 MB of pixels at batch 128) overlaps the end
-    of the previous step instead of running in line between two steps. The batch's JPEGs for the GPU
-    (``data.gpu_decode_share``) are decoded into the pixels on that stream too."""
+    of the previous step instead of running in line between two steps."""
     if device.type != "cuda":
-        inputs = {k: batch[k].to(device) for k in keys}
-        if "gpu_jpegs" in batch:
-            decode_into(batch, inputs)
-        return inputs
+        return {k: batch[k].to(device) for k in keys}
     step_stream, copy_stream = torch.cuda.current_stream(device), input_copy_stream(device)
     with torch.cuda.stream(copy_stream):
         inputs = {k: batch[k].to(device, non_blocking=True) for k in keys}
-        if "gpu_jpegs" in batch:  # data.gpu_decode_share: the JPEGs the workers left to the GPU
-            decode_into(batch, inputs)
     step_stream.wait_stream(copy_stream)
     for tensor in inputs.values():
         tensor.record_stream(step_stream)  # their memory is not reused before the step is done with them

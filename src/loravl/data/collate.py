@@ -10,7 +10,6 @@ import numpy as np
 import torch
 from torch.utils.data import get_worker_info
 
-from loravl.data.gpu_decode import pack_jpegs
 from loravl.data.skips import Skip
 
 Tokenize = Callable[[list[str]], Mapping[str, Any]]
@@ -94,8 +93,7 @@ def stack_images(images: Sequence[torch.Tensor], slots: Optional[SharedBatchSlot
 
 class CaptionCollator:
     """Builds ``{"pixel_values" [B,3,H,W] uint8, "captions", "image_ids" [B], "skipped": Counter}`` plus, for eval,
-    ``all_captions``, with ``tokenize`` what it returns (``input_ids``, ``attention_mask``), and the encoded JPEGs
-    of the samples the GPU decodes (``loravl.data.gpu_decode.GPU_KEYS``).
+    ``all_captions`` and, with ``tokenize``, what it returns (``input_ids``, ``attention_mask``).
 
     Runs in the worker processes, so tokenization is parallel too. A batch whose samples were all skipped has B=0
     (the loader wrapper does not yield those; it only counts them).
@@ -107,21 +105,13 @@ class CaptionCollator:
         self.tokenize = tokenize
         self.keep_all_captions = keep_all_captions
         self.slots = slots
-        self._blank_image: Optional[torch.Tensor] = None
-
-    def _blank(self) -> torch.Tensor:
-        if self._blank_image is None:
-            self._blank_image = torch.zeros(self.image_size, self.image_size, 3, dtype=torch.uint8).permute(2, 0, 1)
-        return self._blank_image
 
     def __call__(self, samples: Sequence[Union[dict[str, Any], Skip]]) -> dict[str, Any]:
         kept = [s for s in samples if not isinstance(s, Skip)]
         skipped = Counter(s.reason for s in samples if isinstance(s, Skip))
         slot = None
         if kept:
-            # A sample the GPU decodes (loravl.data.gpu_decode) has a blank row until then.
-            pixel_values, slot = stack_images([s["pixel_values"] if "jpeg" not in s else self._blank()
-                                               for s in kept], self.slots)
+            pixel_values, slot = stack_images([s["pixel_values"] for s in kept], self.slots)
         else:
             pixel_values = torch.empty(0, 3, self.image_size, self.image_size, dtype=torch.uint8)
         batch: dict[str, Any] = {
@@ -130,7 +120,6 @@ class CaptionCollator:
             "image_ids": torch.tensor([s["image_id"] for s in kept], dtype=torch.long),
             "skipped": skipped,
         }
-        batch.update(pack_jpegs(kept))
         if self.keep_all_captions:
             batch["all_captions"] = [s["captions"] for s in kept]
         if self.tokenize is not None and kept:

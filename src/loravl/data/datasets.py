@@ -17,8 +17,7 @@ from torch.utils.data import Dataset, IterableDataset, get_worker_info
 
 from loravl.data import skips
 from loravl.data.formats import RawRecord, RecordTable, ShardSource
-from loravl.data.gpu_decode import decodes_on_gpu, gpu_jpeg_frame, gpu_sample
-from loravl.data.images import RandomResizedCropUint8, load_rgb_image, read_image_bytes
+from loravl.data.images import load_rgb_image
 from loravl.data.skips import Skip
 
 Sample = dict[str, Any]
@@ -41,8 +40,6 @@ class SampleBuilder:
     max_pixels: int
     min_size: int
     decode_size: Optional[int] = None
-    # Train only: this share of the JPEGs is sent encoded, for the training process's GPU (loravl.data.gpu_decode).
-    gpu_decode_share: float = 0.0
 
     def build(self, record: Union[RawRecord, Skip], epoch: int, key: int) -> Union[Sample, Skip]:
         if isinstance(record, Skip):
@@ -51,26 +48,7 @@ class SampleBuilder:
             return Skip(skips.EMPTY_CAPTION, str(record.image)[:200] if isinstance(record.image, str) else "")
         if record.image is None:
             return Skip(skips.NO_IMAGE)
-        source = record.image
-        if self.train and decodes_on_gpu(key, self.gpu_decode_share):
-            try:
-                data = read_image_bytes(source)
-            except OSError:  # unreadable: load_rgb_image below says how, as a Skip
-                data = None
-            if isinstance(data, Skip):
-                return data
-            frame = None if data is None else gpu_jpeg_frame(data, max_pixels=self.max_pixels,
-                                                              min_size=self.min_size, target_size=self.decode_size)
-            if isinstance(frame, Skip):
-                return frame
-            if frame is not None and isinstance(self.transform, RandomResizedCropUint8):
-                rng = random.Random(sample_seed(self.seed, epoch, key))  # drawn in the order the CPU path draws
-                caption = record.captions[rng.randrange(len(record.captions))]
-                return {**gpu_sample(data, frame, self.transform, rng), "caption": caption,
-                        "captions": list(record.captions), "image_id": record.image_id}
-            if data is not None:
-                source = data  # the CPU path decodes the bytes already read
-        image = load_rgb_image(source, max_pixels=self.max_pixels, min_size=self.min_size,
+        image = load_rgb_image(record.image, max_pixels=self.max_pixels, min_size=self.min_size,
                                target_size=self.decode_size, as_tensor=True)
         if isinstance(image, Skip):
             return image

@@ -8,7 +8,6 @@ import io
 import math
 import os
 import random
-import struct
 import warnings
 from pathlib import Path
 from typing import Callable, NamedTuple, Optional, Union
@@ -221,98 +220,25 @@ def jpeg_frame(data: Union[bytes, bytearray, memoryview]) -> Optional[JpegFrame]
     return None
 
 
-def jpeg_orientation(data: Union[bytes, bytearray, memoryview]) -> int:
-    """A JPEG's EXIF orientation: 1 (upright) where it has no EXIF or no orientation tag, 2-8 as tagged, 0 where
-    its EXIF cannot be read here (what decoders then do is theirs). Reads the marker segments before the scan."""
-    pos, end = 2, len(data)
-    while pos + 4 <= end and data[pos] == 0xFF:
-        marker = data[pos + 1]
-        if marker == 0xFF:
-            pos += 1
-            continue
-        if marker == 0x01 or 0xD0 <= marker <= 0xD8:
-            pos += 2
-            continue
-        if marker in (0xD9, 0xDA):  # end of image, start of scan: no EXIF came
-            return 1
-        length = (data[pos + 2] << 8) | data[pos + 3]
-        if marker == 0xE1 and bytes(data[pos + 4:pos + 10]) == b"Exif\0\0":
-            return _tiff_orientation(bytes(data[pos + 10:pos + 2 + length]))
-        if length < 2:
-            return 0
-        pos += 2 + length
-    return 1
-
-
-def _tiff_orientation(tiff: bytes) -> int:
-    """The orientation tag (0x0112) of an EXIF block's first IFD: 1-8, 1 if absent, 0 if the block is odd."""
-    order = {b"II": "<", b"MM": ">"}.get(tiff[:2])
-    if order is None or len(tiff) < 8:
-        return 0
-    magic, ifd = struct.unpack(order + "HI", tiff[2:8])
-    if magic != 42 or ifd + 2 > len(tiff):
-        return 0
-    (count,) = struct.unpack(order + "H", tiff[ifd:ifd + 2])
-    for entry in range(ifd + 2, min(ifd + 2 + 12 * count, len(tiff) - 11), 12):
-        tag, kind = struct.unpack(order + "HH", tiff[entry:entry + 4])
-        if tag == 0x0112:
-            value = struct.unpack(order + "H", tiff[entry + 8:entry + 10])[0] if kind == 3 else 0
-            return value if 1 <= value <= 8 else 0
-    return 1
-
-
-def plain_jpeg_frame(data: Union[bytes, bytearray, memoryview]) -> Optional[JpegFrame]:
-    """The frame header of an 8-bit grey or colour Huffman-coded JPEG, what libjpeg-turbo decodes without PIL;
-    None for anything else."""
-    frame = jpeg_frame(data)
-    if (frame is None or frame.marker not in _HUFFMAN_SOF_MARKERS or frame.components not in (1, 3)
-            or frame.precision != 8 or frame.height == 0):  # height 0: given later in the scan (DNL), PIL's
-        return None
-    return frame
-
-
-def checked_jpeg_frame(data: Union[bytes, bytearray, memoryview], *, max_pixels: int,
-                       min_size: int) -> Union[JpegFrame, Skip, None]:
-    """``plain_jpeg_frame``, or the skip PIL's checks give on the same header (a decompression bomb, an image too
-    small)."""
-    frame = plain_jpeg_frame(data)
-    if frame is None:
-        return None
-    width, height = frame.width, frame.height
-    if width * height > max_pixels or (Image.MAX_IMAGE_PIXELS and width * height > Image.MAX_IMAGE_PIXELS):
-        return Skip(skips.DECOMPRESSION_BOMB, f"{width}x{height}")
-    if width < min_size or height < min_size:
-        return Skip(skips.TOO_SMALL, f"{width}x{height}")
-    return frame
-
-
-def needs_reduced_decode(frame: JpegFrame, target_size: Optional[int]) -> bool:
-    """Whether ``load_rgb_image`` decodes this JPEG at a reduced scale (PIL ``draft``) for ``target_size``."""
-    return bool(target_size) and min(frame.width, frame.height) >= 2 * target_size
-
-
 def _plain_jpeg_pixels(data: Union[bytes, bytearray, memoryview], *, max_pixels: int, min_size: int,
                        target_size: Optional[int]) -> Union[torch.Tensor, Skip, None]:
     """The loader's fast path: an 8-bit grey or colour JPEG checked from its frame header and decoded by
     torchvision, with no PIL. None hands the file to the PIL path: not such a JPEG, one to decode at a reduced
     scale (``target_size``), or one libjpeg-turbo refuses (PIL then says why)."""
-    frame = checked_jpeg_frame(data, max_pixels=max_pixels, min_size=min_size)
-    if not isinstance(frame, JpegFrame):
-        return frame  # a Skip, or None: not such a JPEG
-    return None if needs_reduced_decode(frame, target_size) else decode_jpeg_rgb(data)
-
-
-def read_image_bytes(source: ImageSource) -> Union[bytes, bytearray, memoryview, Skip]:
-    """An image's encoded bytes: bytes as they are, a path read with one ``open`` (no separate checks first:
-    pathlib's were about 3% of a worker's time, py-spy); a Skip for a missing or empty file."""
-    if isinstance(source, (bytes, bytearray, memoryview)):
-        return source if len(source) else Skip(skips.EMPTY_FILE)
-    try:
-        with open(source, "rb") as file:
-            data = file.read()
-    except (FileNotFoundError, IsADirectoryError, NotADirectoryError):
-        return Skip(skips.MISSING_FILE, os.fspath(source))
-    return data if data else Skip(skips.EMPTY_FILE, os.fspath(source))
+    frame = jpeg_frame(data)
+    if frame is None:
+        return None
+    width, height = frame.width, frame.height
+    if (frame.marker not in _HUFFMAN_SOF_MARKERS or frame.components not in (1, 3) or frame.precision != 8
+            or height == 0):  # height 0: given later in the scan (DNL), which PIL handles
+        return None
+    if width * height > max_pixels or (Image.MAX_IMAGE_PIXELS and width * height > Image.MAX_IMAGE_PIXELS):
+        return Skip(skips.DECOMPRESSION_BOMB, f"{width}x{height}")  # what PIL's check says on the same header
+    if width < min_size or height < min_size:
+        return Skip(skips.TOO_SMALL, f"{width}x{height}")
+    if target_size and min(width, height) >= 2 * target_size:
+        return None
+    return decode_jpeg_rgb(data)
 
 
 def load_rgb_image(source: ImageSource, *, max_pixels: int, min_size: int, target_size: Optional[int] = None,
@@ -337,10 +263,13 @@ def load_rgb_image(source: ImageSource, *, max_pixels: int, min_size: int, targe
             data = source if as_tensor else None
             stream: Union[io.BytesIO, Path] = io.BytesIO(source)
         elif as_tensor:  # read once: the header is parsed from these bytes, torchvision decodes them
-            read = read_image_bytes(source)
-            if isinstance(read, Skip):
-                return read
-            data = read
+            try:  # one open, no separate checks first: pathlib's were about 3% of a worker's time (py-spy)
+                with open(source, "rb") as file:
+                    data = file.read()
+            except (FileNotFoundError, IsADirectoryError, NotADirectoryError):
+                return Skip(skips.MISSING_FILE, os.fspath(source))
+            if not data:
+                return Skip(skips.EMPTY_FILE, os.fspath(source))
             stream = io.BytesIO(data)
         else:
             path = Path(source)

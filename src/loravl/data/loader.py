@@ -51,8 +51,7 @@ def build_dataset(cfg: DataConfig, split: str, image_size: int, *, train: Option
     builder = SampleBuilder(
         transform=build_transform(image_size, train, crop_scale=(cfg.crop_scale_min, 1.0), hflip=cfg.hflip),
         image_size=image_size, train=train, seed=0, max_pixels=cfg.max_image_pixels, min_size=cfg.min_image_size,
-        decode_size=decode_target_size(image_size, train, cfg.crop_scale_min),
-        gpu_decode_share=cfg.gpu_decode_share if train else 0.0)
+        decode_size=decode_target_size(image_size, train, cfg.crop_scale_min))
     if is_streaming(source):
         return StreamingCaptionDataset(source, builder, shuffle=train, seed=0,  # type: ignore[arg-type]
                                        window=cfg.stream_shuffle_window)
