@@ -544,7 +544,7 @@ def bench_loader(timer, device, args, tokenizer, dinov2_dir) -> list[dict]:
                         frozen_dtype=torch.bfloat16 if device.type == "cuda" else None)
     optimizer = make_optimizer(model, device)
 
-    def step_from_loader():  # copied to the GPU as the trainer copies its batches
+    def step_from_loader(_=None):  # copied to the GPU as the trainer copies its batches
         train_step(model, optimizer, to_device(next(it), INPUT_KEYS, device), dtype)
 
     it = iter(loader)
@@ -568,26 +568,17 @@ def bench_loader(timer, device, args, tokenizer, dinov2_dir) -> list[dict]:
                          f"({warmup}) and the emptied queue ({queued}); give more")
     label = "compiled forward, CUDA graphs" if graphs else ("compiled forward" if compile_model else "eager")
 
-    def timed_row(name: str, n: int) -> dict:
-        """``n`` steps from the loader, back to back: img/s and where the host's cores went meanwhile."""
+    def timed_row(name: str, n: int, step=step_from_loader, fed_by="fed by JPEG loader") -> dict:
+        """``n`` steps, back to back (from the loader unless ``step`` says otherwise): img/s and where the host's
+        cores went meanwhile."""
         before = cpu_use.snapshot()
         t0 = time.perf_counter()
-        for _ in range(n):
-            step_from_loader()
-        timer.sync()
-        step_s = (time.perf_counter() - t0) / n
-        return {"name": f"step phase 1 {label}, fed by JPEG loader{name}", "images_per_s": args.batch_size / step_s,
-                "pipelined_s": step_s, "iters": n, **cpu_use.cores_used(before, cpu_use.snapshot())}
-
-    def synthetic_row(name: str, n: int) -> dict:
-        """``n`` steps on the synthetic batches, back to back, timed as ``timed_row`` times the loader's."""
-        t0 = time.perf_counter()
         for k in range(n):
-            train_step(model, optimizer, batches[k % 4], dtype)
+            step(k)
         timer.sync()
         step_s = (time.perf_counter() - t0) / n
-        return {"name": f"step phase 1 {label}, synthetic tensors{name}", "images_per_s": args.batch_size / step_s,
-                "pipelined_s": step_s, "iters": n}
+        return {"name": f"step phase 1 {label}, {fed_by}{name}", "images_per_s": args.batch_size / step_s,
+                "pipelined_s": step_s, "iters": n, **cpu_use.cores_used(before, cpu_use.snapshot())}
 
     rows.append(timed_row(" (queue emptied first)", iters))
     # --loader_repeats: the loader-fed row and a synthetic row right after it, as pairs. The loader-fed rate
@@ -596,7 +587,7 @@ def bench_loader(timer, device, args, tokenizer, dinov2_dir) -> list[dict]:
     # the same loader, its queue emptied first. Before a synthetic row the workers get the time to refill their
     # queue (1.5x what the loader alone took for as many batches), so that they do not take cores from it.
     if args.loader_repeats > 1:
-        losses = []
+        fed, losses = [], []
         refill_s = 1.5 * queued * args.batch_size / rows[0]["images_per_s"]
         for repeat in range(1, args.loader_repeats + 1):
             if repeat > 1:
@@ -606,11 +597,13 @@ def bench_loader(timer, device, args, tokenizer, dinov2_dir) -> list[dict]:
                     next(it)
                 rows.append(timed_row(f" (queue emptied first), repeat {repeat}",
                                       min(args.steps, per_epoch - queued - 2)))
+            fed.append(rows[-1]["images_per_s"])
             time.sleep(refill_s)
-            rows.append(synthetic_row(f", after repeat {repeat}", rows[-1]["iters"]))
-            losses.append(1 - rows[-2]["images_per_s"] / rows[-1]["images_per_s"])
+            rows.append(timed_row(f", after repeat {repeat}", rows[-1]["iters"],
+                                  step=lambda k: train_step(model, optimizer, batches[k % 4], dtype),
+                                  fed_by="synthetic tensors"))
+            losses.append(1 - fed[-1] / rows[-1]["images_per_s"])
             print(json.dumps(rows[-2]), json.dumps(rows[-1]), flush=True)
-        fed = [r["images_per_s"] for r in rows if "fed by JPEG loader (queue emptied first)" in r["name"]]
         rows.append({"name": f"step phase 1 {label}, fed by JPEG loader: median of {len(losses)} repeats, "
                              f"{statistics.median(losses):.1%} lost against synthetic",
                      "images_per_s": statistics.median(fed), "pipelined_s": args.batch_size / statistics.median(fed),
