@@ -26,9 +26,10 @@ def heads(b, length, h, d, device, dtype, requires_grad):
     return x.detach().requires_grad_(requires_grad)
 
 
-def kernel_ms(fn, warmup=5, iters=20) -> float:
+def kernel_ms(fn, warmup=5, iters=20, tables: dict | None = None, name: str = "") -> float:
     """Device time of the kernels one call launches (profiler), per call: at these sizes a call's wall time is
-    mostly launch latency, which the compiled step with CUDA graphs does not pay."""
+    mostly launch latency, which the compiled step with CUDA graphs does not pay. ``tables``: the kernels' table
+    is kept there under ``name``."""
     from torch.autograd import DeviceType
     from torch.profiler import ProfilerActivity, profile
 
@@ -41,6 +42,9 @@ def kernel_ms(fn, warmup=5, iters=20) -> float:
         torch.cuda.synchronize()
     us = sum(e.time_range.elapsed_us() for e in prof.events()
              if e.device_type == DeviceType.CUDA and not e.is_user_annotation)
+    if tables is not None:
+        tables[name] = prof.key_averages().table(sort_by="self_cuda_time_total", row_limit=14,
+                                                 max_name_column_width=90)
     return us / iters / 1e3
 
 

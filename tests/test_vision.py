@@ -2,12 +2,12 @@ import pytest
 import torch
 import torch.nn.functional as F
 from torch import nn
-from transformers import AutoModel, Dinov2Config, Dinov2WithRegistersConfig, Dinov2WithRegistersModel
+from transformers import AutoModel, Dinov2Config, Dinov2Model, Dinov2WithRegistersConfig, Dinov2WithRegistersModel
 
 from loravl.compressor import TokenCompressor
 from loravl.config import CompressorConfig, ConfigError, LoraConfig, VisionConfig
-from loravl.vision import (GeluMLP, PatchProjection, VisionEncoder, normalize_pixels, num_image_tokens,
-                           resolve_target_modules)
+from loravl.vision import (VISION_ATTENTION, GeluMLP, PatchProjection, VisionEncoder, normalize_pixels,
+                           num_image_tokens, resolve_target_modules)
 
 from conftest import tiny_dinov2_config
 
@@ -321,6 +321,23 @@ def test_not_a_dinov2_checkpoint_fails_clearly(tmp_path):
     GPT2Config(n_layer=1).save_pretrained(tmp_path)
     with pytest.raises(ConfigError, match="model.vision.pretrained.*'gpt2'"):
         VisionEncoder(VisionConfig(pretrained=str(tmp_path)))
+
+
+def test_sdpa_backbone_runs_loravls_attention_which_on_the_cpu_is_transformers_sdpa(tmp_path):
+    # 224 px: 256 patch tokens, whole kernel tiles, the shape the prefix split is for. It runs on a GPU only
+    # (tests/test_attention.py checks its merge); here the backbone must still be transformers' SDPA exactly.
+    torch.manual_seed(0)
+    Dinov2Model(tiny_dinov2_config(image_size=224)).save_pretrained(tmp_path)
+    encoder = VisionEncoder(VisionConfig(pretrained=str(tmp_path), image_size=224))
+    backbone = encoder.model.base_model.model
+    assert backbone.config._attn_implementation == VISION_ATTENTION
+    pixels = torch.randint(0, 256, (2, 3, 224, 224), dtype=torch.uint8)
+    with torch.no_grad():
+        ours = encoder(pixels)
+        backbone.set_attn_implementation("sdpa")
+        assert torch.equal(encoder(pixels), ours)
+    eager = VisionEncoder(VisionConfig(pretrained=str(tmp_path), image_size=224, attn_implementation="eager"))
+    assert eager.model.base_model.model.config._attn_implementation == "eager"
 
 
 def test_registers_variant_and_compressor_width_follow_the_encoder(tmp_path):
