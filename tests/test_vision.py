@@ -7,7 +7,7 @@ from transformers import AutoModel, Dinov2Config, Dinov2Model, Dinov2WithRegiste
 from loravl.compressor import TokenCompressor
 from loravl.config import CompressorConfig, ConfigError, LoraConfig, VisionConfig
 from loravl.vision import (VISION_ATTENTION, GeluMLP, PatchProjection, VisionEncoder, normalize_pixels,
-                           num_image_tokens, resolve_target_modules)
+                           num_image_tokens, prefix_split_suits_this_gpu, resolve_target_modules)
 
 from conftest import tiny_dinov2_config
 
@@ -323,19 +323,22 @@ def test_not_a_dinov2_checkpoint_fails_clearly(tmp_path):
         VisionEncoder(VisionConfig(pretrained=str(tmp_path)))
 
 
-def test_sdpa_backbone_runs_loravls_attention_which_on_the_cpu_is_transformers_sdpa(tmp_path):
-    # 224 px: 256 patch tokens, whole kernel tiles, the shape the prefix split is for. It runs on a GPU only
-    # (tests/test_attention.py checks its merge); here the backbone must still be transformers' SDPA exactly.
+def test_loravls_vision_attention_is_transformers_sdpa_where_the_split_does_not_apply(tmp_path):
+    # 224 px: 256 patch tokens, whole kernel tiles, the shape the prefix split is for. The split runs on sm90 GPUs
+    # only (tests/test_attention.py checks its merge). A backbone built there and run on the CPU must still be
+    # transformers' SDPA exactly.
     torch.manual_seed(0)
     Dinov2Model(tiny_dinov2_config(image_size=224)).save_pretrained(tmp_path)
     encoder = VisionEncoder(VisionConfig(pretrained=str(tmp_path), image_size=224))
     backbone = encoder.model.base_model.model
-    assert backbone.config._attn_implementation == VISION_ATTENTION
+    expected = VISION_ATTENTION if prefix_split_suits_this_gpu() else "sdpa"
+    assert backbone.config._attn_implementation == expected
     pixels = torch.randint(0, 256, (2, 3, 224, 224), dtype=torch.uint8)
     with torch.no_grad():
-        ours = encoder(pixels)
         backbone.set_attn_implementation("sdpa")
-        assert torch.equal(encoder(pixels), ours)
+        sdpa = encoder(pixels)
+        backbone.set_attn_implementation(VISION_ATTENTION)
+        assert torch.equal(encoder(pixels), sdpa)
     eager = VisionEncoder(VisionConfig(pretrained=str(tmp_path), image_size=224, attn_implementation="eager"))
     assert eager.model.base_model.model.config._attn_implementation == "eager"
 

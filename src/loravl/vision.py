@@ -125,8 +125,8 @@ def injection_summary(model: nn.Module, lora: LoraConfig) -> InjectionSummary:
     return InjectionSummary(adapted, kinds, lora.rank, lora.alpha, lora_params, total)
 
 
-# DINOv2's attention with model.vision.attn_implementation "sdpa": transformers' SDPA, except where the prefix
-# tokens can be kept apart (sdpa_prefix_split_attention).
+# DINOv2's attention with model.vision.attn_implementation "sdpa" on an sm90 GPU: transformers' SDPA, except where
+# the prefix tokens can be kept apart (sdpa_prefix_split_attention).
 VISION_ATTENTION = "loravl_vision_sdpa"
 PATCH_TILE = 128  # the fused attention kernels' row tile: the split pays where the patch tokens fill whole tiles
 
@@ -157,6 +157,15 @@ def sdpa_prefix_split_attention(module: nn.Module, query: torch.Tensor, key: tor
 AttentionInterface.register(VISION_ATTENTION, sdpa_prefix_split_attention)
 
 
+def prefix_split_suits_this_gpu() -> bool:
+    """Whether this machine's GPU takes the prefix split: sm90 (H100, H200), where it was measured and where SDPA
+    itself prefers cuDNN's kernel, with cuDNN's attention not switched off. Asked once, on the host, when the
+    backbone is built: cuDNN's attention does not run on older GPUs (V100, T4), and neither the capability nor
+    the switch can be read inside a compiled graph."""
+    return (torch.cuda.is_available() and torch.cuda.get_device_capability() == (9, 0)
+            and torch.backends.cuda.cudnn_sdp_enabled())
+
+
 def load_dinov2(cfg: VisionConfig) -> nn.Module:
     """DINOv2 from a hub name or local folder; with ``random_init`` only its config is read."""
     try:
@@ -173,7 +182,7 @@ def load_dinov2(cfg: VisionConfig) -> nn.Module:
         set_sincos_position_embeddings(model.embeddings)
     else:
         model = AutoModel.from_pretrained(cfg.pretrained, attn_implementation=cfg.attn_implementation)
-    if cfg.attn_implementation == "sdpa":
+    if cfg.attn_implementation == "sdpa" and prefix_split_suits_this_gpu():
         model.set_attn_implementation(VISION_ATTENTION)
     patches = model.embeddings.patch_embeddings
     patches.projection = PatchProjection.from_conv(patches.projection)
