@@ -33,8 +33,8 @@ def prefix_split_attention(query: torch.Tensor, key: torch.Tensor, value: torch.
     At 224 px DINOv2 has 256 patch tokens plus CLS. 257 keys are one past a multiple of the kernel's 128-row
     tiles, and the extra tile cost 0.054 ms of 0.168 for a batch of 128 (H200, bench/encoder_kernels.py: 0.114
     ms for the 257 queries over the 256 patch keys). So every query attends to the patch keys in the kernel, which
-    also gives each query's log-sum-exp, and ``merge_prefix_keys`` adds the prefix keys' share: 0.148 ms in all,
-    compiled.
+    also gives each query's log-sum-exp, and ``merge_prefix_keys`` adds the prefix keys' share: 0.148-0.157 ms in
+    all, compiled.
     """
     p = num_prefix
     out, patch_lse = torch.ops.aten._scaled_dot_product_cudnn_attention(
@@ -48,8 +48,8 @@ def merge_prefix_keys(query: torch.Tensor, key: torch.Tensor, value: torch.Tenso
     (``patch_out``, and ``patch_lse``: each query's log-sum-exp of its scaled scores there, ``[B, H, L, 1]``).
 
     Exact: a softmax over two key sets is each set's own softmax, weighted by the sigmoid of the difference of
-    their log-sum-exps. In half precision it is within one rounding step of one kernel over all keys (``patch_out``
-    is rounded once more). It runs in ``[B, L, H, D]`` order, the memory order of transformers' projections and of
+    their log-sum-exps. In half precision ``patch_out`` is rounded once more than inside one kernel over all keys:
+    the result is within twice that kernel's rounding error (tests/test_attention.py). It runs in ``[B, L, H, D]`` order, the memory order of transformers' projections and of
     what its attention returns, so that it compiles into one pass over the tokens: a reduction over the head dim,
     then one sigmoid a row (0.034 ms at DINOv2-base's shapes, batch 128, on the H200).
     """
