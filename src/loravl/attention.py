@@ -49,9 +49,10 @@ def merge_prefix_keys(query: torch.Tensor, key: torch.Tensor, value: torch.Tenso
 
     Exact: a softmax over two key sets is each set's own softmax, weighted by the sigmoid of the difference of
     their log-sum-exps. In half precision ``patch_out`` is rounded once more than inside one kernel over all keys:
-    the result is within twice that kernel's rounding error (tests/test_attention.py). It runs in ``[B, L, H, D]`` order, the memory order of transformers' projections and of
-    what its attention returns, so that it compiles into one pass over the tokens: a reduction over the head dim,
-    then one sigmoid a row (0.034 ms at DINOv2-base's shapes, batch 128, on the H200).
+    the result is within twice that kernel's rounding error (tests/test_attention.py). It runs in ``[B, L, H, D]``
+    order, the memory order of transformers' projections and of what its attention returns, so that it compiles
+    into one pass over the tokens: a reduction over the head dim, then one sigmoid a row (0.034 ms at
+    DINOv2-base's shapes, batch 128, on the H200).
     """
     queries = query.transpose(1, 2).float()
     out, patch_lse = patch_out.transpose(1, 2).float(), patch_lse.float().transpose(1, 2)
