@@ -26,6 +26,7 @@ from torch.nn.attention import SDPBackend, sdpa_kernel
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "src"))
 import sdpa_backends  # noqa: E402  (this folder: the script's own)
+from sdpa_backends import rel_diff  # noqa: E402
 from loravl.attention import prefix_split_attention  # noqa: E402
 
 
@@ -53,10 +54,6 @@ def split_patch_queries(query, key, value, scale, p):
     weights = ((prefix_q[:, :, None] * keys[:, None]).sum(-1) * scale).softmax(2)  # [B, P, L, H]
     prefix_rows = (weights[..., None] * values[:, None]).sum(2)  # [B, P, H, D]
     return torch.cat([prefix_rows.to(query.dtype), patch_rows.to(query.dtype)], dim=1)
-
-
-def rel_diff(a: torch.Tensor, b: torch.Tensor) -> float:
-    return float((a.float() - b.float()).abs().max() / b.float().abs().max())
 
 
 def main() -> None:

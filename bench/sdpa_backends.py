@@ -4,10 +4,10 @@
 
 For each call site (shapes at batch 128, 224 px, captions padded to 24 tokens; ITM runs 3 x 128 pairs), each
 backend (cuDNN, flash, memory-efficient, math) is timed forward and forward + backward by the device time of its
-kernels, bf16, with the layouts the model gives (heads split from a [B, L, H, D] projection, then transposed). A backend that cannot run a shape (flash
-with a mask) reports its error. The text model's self-attention is timed with its causal-plus-padding mask and,
-as the alternative for right-padded batches, with ``is_causal`` alone: with right padding every real token sees
-exactly the same keys either way. The cross-modal sites (text onto the image tokens and back) are also timed as
+kernels, bf16, with the layouts the model gives (heads split from a [B, L, H, D] projection, then transposed).
+A backend that cannot run a shape (flash with a mask) reports its error. The text model's self-attention is
+timed with its causal-plus-padding mask and, as the alternative for right-padded batches, with ``is_causal``
+alone: with right padding every real token sees exactly the same keys either way. The cross-modal sites (text onto the image tokens and back) are also timed as
 ``explicit_attention`` below, compiled (columns ``explicit`` and ``explicit_fp32``: measured against the fused
 kernels and not taken); ``--tables`` keeps its kernels. The captioner's cross-attention is timed with and without
 its dropout (0.1, the text model's). Each forward row without dropout has ``rel_error``: the largest difference
@@ -74,9 +74,13 @@ def kernel_ms(fn, warmup=5, iters=20, tables: dict | None = None, name: str = ""
     return us / iters / 1e3
 
 
+def rel_diff(a: torch.Tensor, b: torch.Tensor) -> float:
+    """The largest difference of ``a`` from ``b``, relative to ``b``'s largest value."""
+    return float((a.float() - b.float()).abs().max() / b.float().abs().max())
+
+
 def relative_error(q, k, v, kwargs, backend, fp32_scores, explicit) -> float:
-    """Largest difference of one output from fp32 attention (SDPA's math kernel on fp32 copies), relative to the
-    largest output."""
+    """``rel_diff`` of one output from fp32 attention (SDPA's math kernel on fp32 copies)."""
     exact = F.scaled_dot_product_attention(q.float(), k.float(), v.float(), **kwargs)
     with torch.no_grad():
         if explicit is not None:
@@ -84,7 +88,7 @@ def relative_error(q, k, v, kwargs, backend, fp32_scores, explicit) -> float:
         else:
             with sdpa_kernel(backend):
                 out = F.scaled_dot_product_attention(q, k, v, **kwargs)
-    return ((out.float() - exact).abs().max() / exact.abs().max()).item()
+    return rel_diff(out, exact)
 
 
 def main() -> None:

@@ -137,11 +137,12 @@ def sdpa_prefix_split_attention(module: nn.Module, query: torch.Tensor, key: tor
     """transformers' SDPA attention for DINOv2, except that with no gradient, mask or dropout (a frozen encoder:
     phase 1, evaluation, captioning) and patch tokens that fill whole kernel tiles (256 at 224 px), the CLS and
     register keys are kept out of the fused kernel (``loravl.attention.prefix_split_attention``). At 224 px,
-    batch 128, a layer's attention took 0.148-0.157 ms against 0.168 in one kernel, and the phase-1 step 25.69 ms
-    against 25.81 (H200, BENCHMARKS.md); other sizes that fill whole tiles (448 px: 1,024 patches) were not
-    timed. On a GPU in half precision only: cuDNN (what SDPA takes there) runs no fp32, and on the CPU a split
-    (with the CPU's fused kernel) took 20% longer than SDPA's one kernel (dinov2-base's shapes at batch 8, dev
-    box). With a gradient (phase 2) cuDNN's backward takes no log-sum-exp gradient, so SDPA runs it whole."""
+    batch 128, a layer's attention took 0.148-0.157 ms against 0.168 in one kernel, and the phase-1 step
+    25.40-25.69 ms against 25.65-25.81 (H200, two hosts, BENCHMARKS.md); other sizes that fill whole tiles
+    (448 px: 1,024 patches) were not timed. On a GPU in half precision only: cuDNN (what SDPA takes there) runs
+    no fp32, and on the CPU a split (with the CPU's fused kernel) took 20% longer than SDPA's one kernel
+    (dinov2-base's shapes at batch 8, dev box). With a gradient (phase 2) cuDNN's backward takes no log-sum-exp
+    gradient, so SDPA runs it whole."""
     num_prefix = 1 + getattr(module.config, "num_register_tokens", 0)
     num_patches = query.shape[-2] - num_prefix
     if (not torch.is_grad_enabled() and attention_mask is None and dropout == 0.0 and num_patches > 0
