@@ -5,13 +5,13 @@
 For each call site (shapes at batch 128, 224 px, captions padded to 24 tokens; ITM runs 3 x 128 pairs), each
 backend (cuDNN, flash, memory-efficient, math) is timed forward and forward + backward by the device time of its
 kernels, bf16, with the layouts the model gives (heads split from a [B, L, H, D] projection, then transposed).
-A backend that cannot run a shape (flash with a mask) reports its error. The text model's self-attention is
-timed with its causal-plus-padding mask and, as the alternative for right-padded batches, with ``is_causal``
-alone: with right padding every real token sees exactly the same keys either way. The cross-modal sites (text onto the image tokens and back) are also timed as
-``explicit_attention`` below, compiled (columns ``explicit`` and ``explicit_fp32``: measured against the fused
-kernels and not taken); ``--tables`` keeps its kernels. The captioner's cross-attention is timed with and without
-its dropout (0.1, the text model's). Each forward row without dropout has ``rel_error``: the largest difference
-from fp32 attention, relative to the largest output.
+A backend that cannot run a shape (flash with a mask) reports its error. The text model's self-attention is timed
+with its causal-plus-padding mask and, as the alternative for right-padded batches, with ``is_causal`` alone: with
+right padding every real token sees exactly the same keys either way. The cross-modal sites (text onto the image
+tokens and back) are also timed as ``explicit_attention`` below, compiled (columns ``explicit`` and
+``explicit_fp32``: measured against the fused kernels and not taken); ``--tables`` keeps its kernels. The
+captioner's cross-attention is timed with and without its dropout (0.1, the text model's). Each forward row without
+dropout has ``rel_error``: the largest difference from fp32 attention, relative to the largest output.
 """
 from __future__ import annotations
 
