@@ -512,6 +512,40 @@ def _write_chunk(job):
         img.save(folder / f"img{i:06d}.jpg", quality=90)
 
 
+def loader_alone_row(dataset, data_cfg: DataConfig, args, tokenizer, name: str = "") -> dict:
+    """The loader alone, into pinned batches of 224 px tensors, at its steady rate: batches taken as fast as they
+    come, timed after the first two per worker (the workers' start). Its workers exit after."""
+    from loravl.data import build_dataloader
+    loader = build_dataloader(dataset, data_cfg, args.batch_size, train=True, seed=0, tokenize=tokenizer)
+    n_batches = min(args.loader_batches, len(dataset) // args.batch_size)
+    it = iter(loader)
+    stamps, cpu = [], []
+    skip = min(2 * data_cfg.num_workers, n_batches // 2)
+    for k in range(n_batches):
+        next(it)
+        stamps.append(time.perf_counter())
+        if k in (skip, n_batches - 1):
+            cpu.append(cpu_use.snapshot())
+    del it, loader
+    gc.collect()
+    loader_s = (stamps[-1] - stamps[skip]) / (n_batches - 1 - skip)
+    return {"name": f"loader alone ({data_cfg.num_workers} workers){name}, steady",
+            "images_per_s": args.batch_size / loader_s, "mean_s": loader_s, "batches_timed": n_batches - 1 - skip,
+            **cpu_use.cores_used(*cpu)}
+
+
+def shrunk_copy(folder: Path, short_side: int, rows: list[dict]) -> Path:
+    """The manifest of ``folder``'s copy with its images shrunk to ``short_side`` (loravl.data.shrink), written
+    unless there already; a row says how long it took."""
+    from loravl.data.shrink import ShrinkSettings, shrink_tree
+    target = folder.with_name(f"{folder.name}_shrunk{short_side}")
+    report = shrink_tree(folder, target, ShrinkSettings(short_side))
+    rows.append({"name": f"shrink to {short_side} px: {report.summary()}", "seconds": report.seconds,
+                 "outcomes": dict(report.outcomes), "bytes_in": report.bytes_in, "bytes_out": report.bytes_out})
+    print(json.dumps(rows[-1]), flush=True)
+    return target / "manifest.jsonl"
+
+
 def bench_loader(timer, device, args, tokenizer, dinov2_dir) -> list[dict]:
     from loravl.data import build_dataloader, build_dataset
     folder = Path(args.jpeg_dir or tempfile.mkdtemp()) / "jpegs"
@@ -522,24 +556,8 @@ def bench_loader(timer, device, args, tokenizer, dinov2_dir) -> list[dict]:
                           prefetch_factor=4)
     dataset = build_dataset(data_cfg, "train", args.image_size)
     loader = build_dataloader(dataset, data_cfg, args.batch_size, train=True, seed=0, tokenize=tokenizer)
-    rows = []
-
-    # The loader alone, into pinned batches of 224 px tensors, at its steady rate: batches taken as fast as they
-    # come, timed after the first two per worker (the workers' start).
+    rows = [{**loader_alone_row(dataset, data_cfg, args, tokenizer), "jpeg_write_s": write_s}]
     per_epoch = len(dataset) // args.batch_size
-    n_batches = min(args.loader_batches, per_epoch)
-    it = iter(loader)
-    stamps, cpu = [], []
-    skip = min(2 * args.workers, n_batches // 2)
-    for k in range(n_batches):
-        next(it)
-        stamps.append(time.perf_counter())
-        if k in (skip, n_batches - 1):
-            cpu.append(cpu_use.snapshot())
-    loader_s = (stamps[-1] - stamps[skip]) / (n_batches - 1 - skip)
-    rows.append({"name": f"loader alone ({args.workers} workers), steady", "images_per_s": args.batch_size / loader_s,
-                 "mean_s": loader_s, "batches_timed": n_batches - 1 - skip, "jpeg_write_s": write_s,
-                 **cpu_use.cores_used(*cpu)})
 
     # The fastest step (compiled forward, CUDA graphs on a GPU) fed by the loader, then by synthetic tensors: the
     # same model in the same run, so the difference is the loader's.
@@ -619,14 +637,26 @@ def bench_loader(timer, device, args, tokenizer, dinov2_dir) -> list[dict]:
                      "images_per_s": statistics.median(fed), "pipelined_s": args.batch_size / statistics.median(fed),
                      "lost_against_synthetic_median": statistics.median(losses),
                      "lost_against_synthetic_each": losses})
-    # The same compiled step fed by other loaders: another worker count, or workers at a lower scheduling
-    # priority (niceness) than this process, so that the process launching the GPU's work gets a core at once.
+    # The same compiled step fed by other loaders: another worker count, workers at a lower scheduling priority
+    # (niceness) than this process, so that the process launching the GPU's work gets a core at once, or the
+    # JPEGs' copy shrunk to a short side by loravl.data.shrink (src/shrink_images.py), made once per size.
+    shrunk: dict[int, object] = {}
     for variant in filter(None, args.loader_variants.split(",")):
+        variant, _, short_side = variant.partition("@")
         workers, _, nice = variant.partition(":nice")
         del it, loader
         gc.collect()  # the previous loader's workers exit
-        loader = build_dataloader(dataset, dataclasses.replace(data_cfg, num_workers=int(workers)), args.batch_size,
-                                  train=True, seed=1, tokenize=tokenizer)
+        variant_dataset, variant_cfg = dataset, dataclasses.replace(data_cfg, num_workers=int(workers))
+        if short_side:
+            if int(short_side) not in shrunk:
+                shrunk[int(short_side)] = shrunk_copy(folder, int(short_side), rows)
+            variant_cfg = dataclasses.replace(variant_cfg, train_path=str(shrunk[int(short_side)]))
+            variant_dataset = build_dataset(variant_cfg, "train", args.image_size)
+            rows.append(loader_alone_row(variant_dataset, variant_cfg, args, tokenizer,
+                                         f" on the copy shrunk to {short_side} px"))
+            print(json.dumps(rows[-1]), flush=True)
+        loader = build_dataloader(variant_dataset, variant_cfg, args.batch_size, train=True, seed=1,
+                                  tokenize=tokenizer)
         known = set(cpu_use.descendants(os.getpid()))
         it = iter(loader)
         next(it)
@@ -635,7 +665,8 @@ def bench_loader(timer, device, args, tokenizer, dinov2_dir) -> list[dict]:
         start_up = int(workers) * data_cfg.prefetch_factor
         for _ in range(start_up):
             next(it)
-        rows.append(timed_row(f", {workers} workers" + (f" at niceness {nice}" if nice else ""),
+        rows.append(timed_row(f", {workers} workers" + (f" at niceness {nice}" if nice else "")
+                              + (f", copy shrunk to {short_side} px" if short_side else ""),
                               min(args.steps, per_epoch - start_up - 2)))
         print(json.dumps(rows[-1]), flush=True)  # each as it comes: a long list may outlast a time limit
     counter = iter(range(10**9))
@@ -711,7 +742,8 @@ def main() -> None:
                         "after it; the median of the pairs' losses is reported")
     p.add_argument("--loader_variants", default="",
                    help="the loader section's step also fed by these loaders: worker counts, each optionally at a "
-                        "niceness, e.g. 16,15:nice10")
+                        "niceness and on the JPEGs' copy shrunk to a short side (with a loader-alone row), e.g. "
+                        "16,15:nice10,15@317")
     p.add_argument("--profile_dir", default="", help="write a profiler table of one step per phase here")
     p.add_argument("--tiny", action="store_true", help="tiny model for a CPU smoke test")
     p.add_argument("--out", default="throughput.json")
@@ -759,8 +791,8 @@ def main() -> None:
 
     print(f"\n{'measurement':<54}{'img/s':>10}{'ms/step':>10}{'peak GiB':>10}{'MFU':>8}")
     for r in results["rows"]:
-        if "error" in r:
-            print(f"{r['name']:<54} {r['error'][:200]}")
+        if "error" in r or "images_per_s" not in r:  # a failure, or a note such as the shrunk copy's
+            print(f"{r['name']:<54} {r.get('error', '')[:200]}")
             continue
         peak = f"{r['peak_gib']:.1f}" if r.get("peak_gib") is not None else "-"
         mfu = f"{100 * r['mfu']:.1f}%" if r.get("mfu") is not None else "-"

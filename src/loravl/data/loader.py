@@ -126,13 +126,18 @@ class CaptionLoader:
         self.skips.load_state_dict(state["skips"])
 
 
+def usable_cores() -> int:
+    """The cores this process may run on (its affinity where the OS tells it)."""
+    return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
+
+
 def resolve_num_workers(setting: Union[int, str]) -> int:
     """``data.num_workers``: a count as it is, or "auto": the cores this process may use, shared by the training
     processes on this host (torchrun's LOCAL_WORLD_SIZE), less one for the training process. JPEG decoding is
     most of a worker's time, so a GPU's step rate needs about every core (BENCHMARKS.md)."""
     if setting != "auto":
         return int(setting)
-    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
+    cores = usable_cores()
     processes = max(1, int(os.environ.get("LOCAL_WORLD_SIZE", "1")))
     return max(0, cores // processes - 1)
 
