@@ -13,8 +13,8 @@ from loravl.config import DataConfig, load_config
 from loravl.data import Skip, build_dataset, load_rgb_image, skips
 from loravl.data.formats import open_source
 from loravl.data.images import decode_target_size, resize_uint8
-from loravl.data.shrink import (ALREADY_THERE, OTHER_FILE, SHRUNK, SMALL_ENOUGH, ShrinkSettings, main, shrink_target,
-                                shrink_tree)
+from loravl.data.shrink import (ALREADY_THERE, GIF, OTHER_FILE, SHRUNK, SMALL_ENOUGH, ShrinkSettings, main,
+                                shrink_target, shrink_tree)
 
 
 def photo(width: int, height: int, seed: int = 0) -> Image.Image:
@@ -42,7 +42,7 @@ def decoded(source) -> torch.Tensor:
 @pytest.fixture
 def dataset_folder(tmp_path):
     """A jsonl dataset as users have them: photos in a sub-folder, one rotated by EXIF, a PNG with transparency,
-    a small image, a corrupt file and the manifest."""
+    a small image, a corrupt file, a GIF (not in the manifest) and the manifest."""
     root = tmp_path / "source"
     (root / "images").mkdir(parents=True)
     (root / "images" / "large.jpg").write_bytes(jpeg_bytes(photo(400, 300)))
@@ -54,6 +54,7 @@ def dataset_folder(tmp_path):
     rgba.save(root / "images" / "clear.png")
     (root / "images" / "small.jpg").write_bytes(jpeg_bytes(photo(90, 60, seed=3)))
     (root / "images" / "broken.jpg").write_bytes(b"\xff\xd8\xff\xe0 not really a jpeg")
+    photo(300, 200, seed=6).save(root / "images" / "anim.gif")
     names = ["large", "rotated", "small", "broken"]
     lines = [json.dumps({"image": f"images/{n}.jpg", "caption": f"a {n} photo"}) for n in names]
     lines.append(json.dumps({"image": "images/clear.png", "caption": "a clear photo"}))
@@ -65,8 +66,8 @@ def test_images_over_the_short_side_are_shrunk_everything_else_copied_byte_for_b
     target = tmp_path / "shrunk"
     report = shrink_tree(dataset_folder, target, ShrinkSettings(short_side=100), workers=0)
 
-    assert report.outcomes == {SHRUNK: 3, SMALL_ENOUGH: 1, OTHER_FILE: 1, skips.CORRUPT_IMAGE: 1}
-    for same in ("manifest.jsonl", "images/small.jpg", "images/broken.jpg"):
+    assert report.outcomes == {SHRUNK: 3, SMALL_ENOUGH: 1, GIF: 1, OTHER_FILE: 1, skips.CORRUPT_IMAGE: 1}
+    for same in ("manifest.jsonl", "images/small.jpg", "images/broken.jpg", "images/anim.gif"):
         assert (target / same).read_bytes() == (dataset_folder / same).read_bytes()
     large = decoded(target / "images" / "large.jpg")
     assert large.shape == (3, 100, 133)
@@ -114,14 +115,14 @@ def test_a_second_run_keeps_what_is_there_and_redoes_what_changed(dataset_folder
     target = tmp_path / "shrunk"
     shrink_tree(dataset_folder, target, ShrinkSettings(short_side=100), workers=0)
     again = shrink_tree(dataset_folder, target, ShrinkSettings(short_side=100), workers=0)
-    assert again.outcomes == {ALREADY_THERE: 6}
+    assert again.outcomes == {ALREADY_THERE: 7}
 
     newer = dataset_folder / "images" / "large.jpg"
     newer.write_bytes(jpeg_bytes(photo(300, 400, seed=5)))
     later = (target / "images" / "large.jpg").stat().st_mtime + 10
     os.utime(newer, (later, later))
     third = shrink_tree(dataset_folder, target, ShrinkSettings(short_side=100), workers=2)
-    assert third.outcomes == {ALREADY_THERE: 5, SHRUNK: 1}
+    assert third.outcomes == {ALREADY_THERE: 6, SHRUNK: 1}
     assert decoded(target / "images" / "large.jpg").shape == (3, 133, 100)
     assert not [p for p in target.rglob("*") if p.name.endswith(".tmp")]
 

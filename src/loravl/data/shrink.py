@@ -9,8 +9,8 @@ Every file under the source folder is written to the same relative path under th
   any mode to RGB, transparency on white), resized (Lanczos) to that short side and written in the format its name
   says: JPEG at ``quality``, chroma 4:2:0 as img2dataset and most prepared datasets store it, or 4:4:4 with
   ``chroma_444`` (closer to the original, larger, and slower to decode; BENCHMARKS.md measures both);
-- an image no larger, a file the loader would skip (it still skips and counts it), and every other file
-  (annotations, manifests) are copied byte for byte, so annotations and manifests work unchanged from the copy;
+- an image no larger, a GIF (a palette would change its colours), a file the loader would skip (it still skips
+  and counts it), and every other file (annotations, manifests) are copied byte for byte, so annotations and manifests work unchanged from the copy;
 - a webdataset shard (``.tar``) is rewritten member by member, in order, by the same rules.
 
 ``shrink_target`` gives the short side a run needs, the loader's own decode target: a train crop keeps at least
@@ -46,6 +46,7 @@ SHRUNK = "shrunk"
 SMALL_ENOUGH = "small enough, copied"
 OTHER_FILE = "not an image, copied"
 ALREADY_THERE = "already there, kept"
+GIF = "GIF, copied"
 _IMAGE_SUFFIXES = frozenset(f".{ext}" for ext in IMAGE_EXTENSIONS)
 
 
@@ -59,7 +60,7 @@ class ShrinkSettings:
 
 @dataclass
 class ShrinkReport:
-    """What happened to each file (tar members counted one by one): ``SHRUNK``, ``SMALL_ENOUGH``,
+    """What happened to each file (tar members counted one by one): ``SHRUNK``, ``SMALL_ENOUGH``, ``GIF``,
     ``OTHER_FILE``, ``ALREADY_THERE``, or the loader's skip reason for a file it cannot use (copied as is)."""
 
     outcomes: Counter = field(default_factory=Counter)
@@ -88,6 +89,8 @@ def shrink_image(data: bytes, suffix: str, settings: ShrinkSettings) -> tuple[Op
     where the file is to be copied as it is (small enough, or the loader's reason to skip it)."""
     try:  # the stored size from the header alone; a file PIL cannot open gets the loader's reason below
         with Image.open(io.BytesIO(data)) as header:
+            if header.format == "GIF":  # written again, its palette would change the colours
+                return None, GIF
             if min(header.size) <= settings.short_side:
                 return None, SMALL_ENOUGH
     except Exception:  # noqa: BLE001 - whatever PIL raises, load_rgb_image names it
@@ -197,7 +200,7 @@ def shrink_tree(source: str | os.PathLike, target: str | os.PathLike, settings: 
     source, target = check_arguments(source, target, settings)
     started = time.perf_counter()
     jobs = [(path, target / path.relative_to(source), settings) for path in sorted(source.rglob("*"))
-            if path.is_file() and not path.name.endswith(".tmp")]
+            if path.is_file()]
     report = ShrinkReport()
     workers = usable_cores() if workers is None else workers
     if workers == 0:
