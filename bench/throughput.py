@@ -10,8 +10,9 @@ Sections (each printed as a table row and written to JSON):
               (bf16, SDPA, compiled encoder) and the naive baseline (fp32, eager attention, no compile)
   loader      phase-1 step fed by the real data loader from JPEG files on disk vs synthetic tensors, with the
               cores the training process and the workers used; --loader_repeats: that row again, each paired
-              with a synthetic row, and their losses' median; --loader_variants: other worker counts and
-              niceness, fed to the same compiled step
+              with a synthetic row, and their losses' median; --loader_variants: other worker counts,
+              niceness, or the JPEGs' copy shrunk by loravl.data.shrink (15@317: a loader-alone row too), fed
+              to the same compiled step
   generate    greedy captioning, batch 256, 30 new tokens
 The model is built with random weights from the dinov2-base config shipped in configs/models (no download).
 """
