@@ -641,7 +641,7 @@ def bench_loader(timer, device, args, tokenizer, dinov2_dir) -> list[dict]:
     # The same compiled step fed by other loaders: another worker count, workers at a lower scheduling priority
     # (niceness) than this process, so that the process launching the GPU's work gets a core at once, or the
     # JPEGs' copy shrunk to a short side by loravl.data.shrink (src/shrink_images.py), made once per size.
-    shrunk: dict[int, object] = {}
+    shrunk: dict[int, Path] = {}  # short side -> the copy's manifest
     for variant in filter(None, args.loader_variants.split(",")):
         variant, _, short_side = variant.partition("@")
         workers, _, nice = variant.partition(":nice")

@@ -107,8 +107,9 @@ def test_the_shrunk_image_is_close_to_the_original_and_4_4_4_chroma_closer(tmp_p
             assert written.size == (423, 317)
             assert JpegImagePlugin.get_sampling(written) == (0 if chroma_444 else 2)
         errors[chroma_444] = (resize_uint8(decoded(target / "photo.jpg"), (224, 224)).float() - reference).abs().mean()
-    # What the encoder sees at 224 px moves by about a grey level (1.0-3.3 on the bench's JPEGs, BENCHMARKS.md).
-    assert errors[True] < errors[False] < 3.0
+    # What the encoder sees at 224 px moves by under a grey level on this smooth image (0.44 and 0.61 here; 0.9 and
+    # 3.3 on the bench's noisier JPEGs, BENCHMARKS.md).
+    assert errors[True] < errors[False] < 1.0
 
 
 def test_a_second_run_keeps_what_is_there_and_redoes_what_changed(dataset_folder, tmp_path):
