@@ -35,6 +35,7 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / "src"))
 
 import torch  # noqa: E402
+import torch._inductor.config  # noqa: E402  (the step variants' inductor options)
 from torch.utils.flop_counter import FlopCounterMode  # noqa: E402
 from transformers import Dinov2Config  # noqa: E402
 
@@ -399,6 +400,12 @@ def bench_steps(timer, device, args, tokenizer, dinov2_dir, matmul_tflops) -> li
              # after fc1 say), CUDA graphs too; compiles for much longer.
              "forward_ma": (f"{fast} compiled forward, max-autotune", "sdpa", bf16, False, True, "max-autotune",
                             "max-autotune", "forward"),
+             # The same with an inductor option (INDUCTOR_VARIANTS): launches of independent small kernels
+             # combined into one, or each Triton kernel's launch configuration tuned by coordinate descent.
+             "forward_ro_combo_kernels": (f"{fast} compiled forward, CUDA graphs, combo kernels", "sdpa", bf16,
+                                          False, True, ro, ro, "forward"),
+             "forward_ro_coordinate_descent": (f"{fast} compiled forward, CUDA graphs, coordinate descent tuning",
+                                               "sdpa", bf16, False, True, ro, ro, "forward"),
              "compiled_encoder": (f"{fast} compiled encoder", "sdpa", bf16, True, False, "default", "default",
                                   "modules"),
              "sdpa": (f"{fast} sdpa, no compile", "sdpa", bf16, False, False, "default", "default", "modules"),
@@ -412,17 +419,22 @@ def bench_steps(timer, device, args, tokenizer, dinov2_dir, matmul_tflops) -> li
         label, attn, dtype, compile_encoder, compile_model, model_mode, encoder_mode, scope = known[name]
         before = len(rows)
         try:  # rows are appended phase by phase, so a failing phase keeps the figures before it
-            bench_step_variant(timer, device, args, tokenizer, dinov2_dir, matmul_tflops, step_flops, rows, label,
-                               attn, dtype, compile_encoder, compile_model, model_mode, encoder_mode, scope,
-                               profile=name in profiled, grad_buffers=name.endswith("_buffers"),
-                               frozen_dtype=None if name.endswith("_fp32_frozen") else dtype,
-                               prefix_split=not name.endswith("_one_kernel_attention"))
+            with torch._inductor.config.patch(INDUCTOR_VARIANTS.get(name, {})):  # read when each graph compiles
+                bench_step_variant(timer, device, args, tokenizer, dinov2_dir, matmul_tflops, step_flops, rows,
+                                   label, attn, dtype, compile_encoder, compile_model, model_mode, encoder_mode, scope,
+                                   profile=name in profiled, grad_buffers=name.endswith("_buffers"),
+                                   frozen_dtype=None if name.endswith("_fp32_frozen") else dtype,
+                                   prefix_split=not name.endswith("_one_kernel_attention"))
         except Exception as e:  # one failing variant must not lose the others' figures
             rows.append({"name": f"step {label} FAILED", "error": f"{type(e).__name__}: {str(e)[:400]}"})
         for row in rows[before:]:
             print(json.dumps(row), flush=True)
         Path(args.out).with_suffix(".partial.json").write_text(json.dumps(rows, indent=2))
     return rows
+
+
+INDUCTOR_VARIANTS = {"forward_ro_combo_kernels": {"combo_kernels": True},
+                     "forward_ro_coordinate_descent": {"coordinate_descent_tuning": True}}
 
 
 def bench_step_variant(timer, device, args, tokenizer, dinov2_dir, matmul_tflops, step_flops, rows, label, attn,
@@ -438,8 +450,8 @@ def bench_step_variant(timer, device, args, tokenizer, dinov2_dir, matmul_tflops
         optimizer = make_optimizer(model, device)
         counter = iter(range(10**9))
         reset_peak(device)
-        graphs = grad_buffers and bool({"reduce-overhead", "max-autotune"} & {model_mode if compile_model else None,
-                                                                              encoder_mode if compile_encoder else None})
+        modes = {model_mode if compile_model else None, encoder_mode if compile_encoder else None}
+        graphs = grad_buffers and bool({"reduce-overhead", "max-autotune"} & modes)
         t = timer(lambda: train_step(model, optimizer, batches[next(counter) % 4], dtype, graphs),
                   warmup=args.warmup, iters=args.steps, pipelined=True)
         rows.append({"name": f"step phase {phase} {label}", "images_per_s": args.batch_size / t["pipelined_s"],
