@@ -97,8 +97,10 @@ def two_rank_run(tmp_path_factory, data_root) -> Path:
     return run_dir
 
 
-def test_two_ranks_switch_phase_once_and_stay_in_sync(two_rank_run):
+def test_two_ranks_switch_phase_once_and_stay_in_sync(two_rank_run, data_root):
     text = log_text(two_rank_run)
+    # which data the run reads: a shrunk copy or the originals look alike in the step rates
+    assert f"Data: demo {data_root / 'demo32'}, 0 loader worker(s) in this process" in text
     assert text.count("Phase 1: LoRA adapters FROZEN | Trainable params: ") == 1
     assert text.count("Phase 2: LoRA adapters UNFROZEN | Trainable params: ") == 1
     assert "LoRA injected into" in text
@@ -374,3 +376,35 @@ def test_a_streak_of_non_finite_steps_stops_the_run_without_saving(tmp_path, dat
     steps = read_steps(tmp_path)
     assert sorted(steps) == [1, 2, 3] and all(r["skipped_step"] for r in steps.values())
     assert not [p for p in (tmp_path / "ckpt").iterdir() if p.name.startswith("step_")]
+
+
+def test_the_log_says_once_when_the_loader_sets_the_pace(tmp_path):
+    """Three log lines in a row that waited a fifth of their interval or more for data bring one line naming the
+    remedies, however long the wait goes on; a run whose waits stay short, or pass the mark only now and then (an
+    epoch's start), gets none. The waits are real: sleeps inside ``waiting_for_data`` and outside it."""
+    from collections import Counter
+
+    from loravl.checkpoint import TrainState
+    from loravl.config import TrainConfig
+    from loravl.train import LOSS_NAMES, DistributedEnv, MetricsLogger, setup_logging
+
+    def run_intervals(log_dir: Path, waits_s: list[float], step_s: float = 0.02) -> str:
+        setup_logging(log_dir, rank=0)
+        env = DistributedEnv(rank=0, local_rank=0, world_size=1, device=torch.device("cpu"))
+        metrics = MetricsLogger(log_dir, env, len(waits_s), TrainConfig(log_every=1), start_step=0)
+        step_metrics = {**{n: torch.tensor(1.0) for n in (*LOSS_NAMES, "grad_norm")}, "bad": torch.tensor(0.0),
+                        "images": 4, "skipped": Counter()}
+        for step, wait_s in enumerate(waits_s, start=1):
+            with metrics.waiting_for_data():
+                time.sleep(wait_s)
+            time.sleep(step_s)
+            metrics.record(TrainState(step=step), step_metrics, lrs=[1e-4])
+        metrics.flush()
+        metrics.close()
+        return (log_dir / "training.log").read_text()
+
+    hint = "The data loader sets the pace: data wait"
+    bound = run_intervals(tmp_path / "bound", [0.0] * 3 + [0.03] * 8)
+    assert bound.count(hint) == 1 and "src/shrink_images.py" in bound and "data.num_workers" in bound
+    assert run_intervals(tmp_path / "fed", [0.0] * 11).count(hint) == 0
+    assert run_intervals(tmp_path / "now_and_then", [0.0, 0.03, 0.03, 0.0, 0.03, 0.03, 0.0, 0.0]).count(hint) == 0

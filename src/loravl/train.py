@@ -71,8 +71,9 @@ def _train(cfg: RunConfig, env: "DistributedEnv") -> VisionLanguageModel:
     tokenizer = prepare_tokenizer(cfg, train_set, resume_from, env)
     loader = build_dataloader(train_set, cfg.data, tc.batch_size, train=True, seed=tc.seed, rank=env.rank,
                               world_size=env.world_size, tokenize=tokenizer)
-    logger.info("Data: %d loader worker(s) in this process (data.num_workers %s)", loader.loader.num_workers,
-                cfg.data.num_workers)
+    logger.info("Data: %s %s%s, %d loader worker(s) in this process (data.num_workers %s)", cfg.data.format,
+                cfg.data.train_path, f" (images under {cfg.data.image_root})" if cfg.data.image_root else "",
+                loader.loader.num_workers, cfg.data.num_workers)
     steps_per_epoch = count_steps_per_epoch(loader, tc.grad_accum_steps)
     total_steps = count_total_steps(tc, steps_per_epoch)
 
@@ -754,6 +755,9 @@ class MetricsLogger:
     NAMES = (*LOSS_NAMES, "grad_norm", "bad")
     SCALARS = (*LOSS_NAMES, "grad_norm")
     READ_BACK_LAG = 2  # steps between a read-back's start and its writing
+    # A hint, once a run, when this many log lines in a row waited this share of their interval or more for data:
+    # an epoch's start waits for a line or two (13-15% on an H200), a loader-bound run every line (23-54%).
+    LOADER_BOUND_LINES, LOADER_BOUND_WAIT = 3, 0.2
 
     def __init__(self, log_dir: Path, env: DistributedEnv, total_steps: int, tc: TrainConfig, start_step: int):
         self.env, self.total_steps, self.tc = env, total_steps, tc
@@ -766,6 +770,8 @@ class MetricsLogger:
         self.flush_every = min(tc.log_every, tc.max_bad_steps)
         self.last_time, self.last_step, self.images = time.perf_counter(), start_step, 0
         self.data_wait_s = 0.0  # the host's wait for batches since the last log line
+        self.recent_data_waits: list[float] = []  # the last log lines' data wait shares
+        self.told_loader_bound = False
         self.writer = self.jsonl = self.progress = None
         if env.rank == 0:
             from torch.utils.tensorboard import SummaryWriter
@@ -872,6 +878,7 @@ class MetricsLogger:
         logger.info("epoch %d | step %d/%d | %s | lr %s | %.1f img/s | data wait %.0f%%%s | eta %s", epoch, step,
                     self.total_steps, losses, lr_text, images_per_s, 100 * data_wait, memory,
                     time.strftime("%H:%M:%S", time.gmtime(eta)))
+        self._hint_if_loader_bound(data_wait)
         if self.jsonl is not None:
             self.jsonl.flush()
             # TensorBoard gets each log interval's mean (its steps that were not skipped), not every step: a
@@ -885,6 +892,17 @@ class MetricsLogger:
             self.writer.add_scalar("perf/images_per_s", images_per_s, step)
             self.writer.add_scalar("perf/data_wait_fraction", data_wait, step)
         self.interval_sums, self.interval_steps = Counter(), 0
+
+    def _hint_if_loader_bound(self, data_wait: float) -> None:
+        self.recent_data_waits = [*self.recent_data_waits, data_wait][-self.LOADER_BOUND_LINES:]
+        if (self.told_loader_bound or self.env.rank != 0 or len(self.recent_data_waits) < self.LOADER_BOUND_LINES
+                or min(self.recent_data_waits) < self.LOADER_BOUND_WAIT):
+            return
+        self.told_loader_bound = True
+        logger.info("The data loader sets the pace: data wait %.0f%% or more in the last %d log lines. More loader "
+                    "workers (data.num_workers) or a copy of the data with its images shrunk to what the crops need "
+                    "(src/shrink_images.py, data/README.md) would feed the steps faster.",
+                    100 * min(self.recent_data_waits), self.LOADER_BOUND_LINES)
 
     def close(self) -> None:
         if self.env.rank == 0:
