@@ -381,17 +381,19 @@ def test_a_streak_of_non_finite_steps_stops_the_run_without_saving(tmp_path, dat
 def test_the_log_says_once_when_the_loader_sets_the_pace(tmp_path):
     """Three log lines in a row that waited a fifth of their interval or more for data bring one line naming the
     remedies, however long the wait goes on; a run whose waits stay short, or pass the mark only now and then (an
-    epoch's start), gets none. The waits are real: sleeps inside ``waiting_for_data`` and outside it."""
+    epoch's start), gets none, and so does a run that is not to hint (the trainer's on the CPU, where more workers
+    would take cores from the step). The waits are real: sleeps inside ``waiting_for_data`` and outside it."""
     from collections import Counter
 
     from loravl.checkpoint import TrainState
     from loravl.config import TrainConfig
     from loravl.train import LOSS_NAMES, DistributedEnv, MetricsLogger, setup_logging
 
-    def run_intervals(log_dir: Path, waits_s: list[float], step_s: float = 0.02) -> str:
+    def run_intervals(log_dir: Path, waits_s: list[float], step_s: float = 0.02, to_hint: bool = True) -> str:
         setup_logging(log_dir, rank=0)
         env = DistributedEnv(rank=0, local_rank=0, world_size=1, device=torch.device("cpu"))
-        metrics = MetricsLogger(log_dir, env, len(waits_s), TrainConfig(log_every=1), start_step=0)
+        metrics = MetricsLogger(log_dir, env, len(waits_s), TrainConfig(log_every=1), start_step=0,
+                                hint_when_loader_bound=to_hint)
         step_metrics = {**{n: torch.tensor(1.0) for n in (*LOSS_NAMES, "grad_norm")}, "bad": torch.tensor(0.0),
                         "images": 4, "skipped": Counter()}
         for step, wait_s in enumerate(waits_s, start=1):
@@ -408,3 +410,4 @@ def test_the_log_says_once_when_the_loader_sets_the_pace(tmp_path):
     assert bound.count(hint) == 1 and "src/shrink_images.py" in bound and "data.num_workers" in bound
     assert run_intervals(tmp_path / "fed", [0.0] * 11).count(hint) == 0
     assert run_intervals(tmp_path / "now_and_then", [0.0, 0.03, 0.03, 0.0, 0.03, 0.03, 0.0, 0.0]).count(hint) == 0
+    assert run_intervals(tmp_path / "not_to_hint", [0.03] * 8, to_hint=False).count(hint) == 0

@@ -107,7 +107,10 @@ def _train(cfg: RunConfig, env: "DistributedEnv") -> VisionLanguageModel:
                           rank_pieces, state)
         logger.info("Resumed from %s at epoch %d step %d", resume_from, state.epoch, state.step)
 
-    metrics = MetricsLogger(Path(tc.log_dir), env, total_steps, tc, start_step=state.step)
+    # The loader-bound hint only where a GPU steps: on the CPU the workers and the step share the cores, and more
+    # workers take them from the step (configs/demo.yaml).
+    metrics = MetricsLogger(Path(tc.log_dir), env, total_steps, tc, start_step=state.step,
+                            hint_when_loader_bound=env.device.type == "cuda")
     profiler = StepProfiler(tc, env)
     stop = StopSignal(env)
     last_saved_step = state.step if resume_from is not None else -1
@@ -759,7 +762,8 @@ class MetricsLogger:
     # an epoch's start waits for a line or two (13-15% on an H200), a loader-bound run every line (23-54%).
     LOADER_BOUND_LINES, LOADER_BOUND_WAIT = 3, 0.2
 
-    def __init__(self, log_dir: Path, env: DistributedEnv, total_steps: int, tc: TrainConfig, start_step: int):
+    def __init__(self, log_dir: Path, env: DistributedEnv, total_steps: int, tc: TrainConfig, start_step: int,
+                 hint_when_loader_bound: bool = False):
         self.env, self.total_steps, self.tc = env, total_steps, tc
         self.pending: list[tuple[int, int, int, dict[str, Any], list[float]]] = []
         # Read-backs on their way to the host: (steps, host tensor, CUDA event or None), oldest first.
@@ -771,7 +775,7 @@ class MetricsLogger:
         self.last_time, self.last_step, self.images = time.perf_counter(), start_step, 0
         self.data_wait_s = 0.0  # the host's wait for batches since the last log line
         self.recent_data_waits: list[float] = []  # the last log lines' data wait shares
-        self.told_loader_bound = False
+        self.told_loader_bound = not hint_when_loader_bound
         self.writer = self.jsonl = self.progress = None
         if env.rank == 0:
             from torch.utils.tensorboard import SummaryWriter
