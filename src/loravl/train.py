@@ -759,7 +759,7 @@ class MetricsLogger:
     SCALARS = (*LOSS_NAMES, "grad_norm")
     READ_BACK_LAG = 2  # steps between a read-back's start and its writing
     # A hint, once a run, when this many log lines in a row waited this share of their interval or more for data:
-    # an epoch's start waits for a line or two (13-16% on an H200), a loader-bound run every line (23-54%).
+    # an epoch's start waits for a line or two (13-19% on an H200), a loader-bound run every line (23-54%).
     LOADER_BOUND_LINES, LOADER_BOUND_WAIT = 3, 0.2
 
     def __init__(self, log_dir: Path, env: DistributedEnv, total_steps: int, tc: TrainConfig, start_step: int,
