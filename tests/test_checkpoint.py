@@ -112,3 +112,46 @@ def test_rng_state_round_trip_with_weights_only_load(tmp_path):
     rng.load_state_dict(torch.load(tmp_path / "rng.pt", weights_only=True))
     got = (torch.rand(3), np.random.rand(3), random.random())
     assert torch.equal(expected[0], got[0]) and np.array_equal(expected[1], got[1]) and expected[2] == got[2]
+
+
+def test_background_save_writes_the_state_of_the_moment_it_was_called(tmp_path, tiny_model_config, tiny_tokenizer,
+                                                                       monkeypatch):
+    """``background``: save() returns while the checkpoint is still being written (``latest`` not there yet), the
+    weights and optimizer moments changed after it returns are not what is written, and wait() leaves it complete.
+    What the writer thread writes is a copy (``ModelWeights.snapshot``, ``cpu_copy``), even of CPU tensors: the
+    thread may well have written the files before the step below, so the copies are checked on their own first."""
+    from loravl.checkpoint import SLOW_SAVE_ENV, cpu_copy, read_weights
+
+    cfg = RunConfig(model=tiny_model_config)
+    model = _trained_looking_model(cfg.model, tiny_tokenizer)
+    params = [p for _, p in model.trainable_parameters()]
+    optimizer = torch.optim.AdamW(params, lr=1e-2)
+    for p in params:
+        p.grad = torch.ones_like(p)
+    optimizer.step()
+    weights_then = {k: v.clone() for k, v in model.checkpoint_state_dict().items()}
+    moment_then = optimizer.state[params[0]]["exp_avg"].clone()
+    snapshot, _ = ModelWeights(model).snapshot()
+    optimizer_copy = cpu_copy(optimizer.state_dict())
+    optimizer.step()
+    assert any(not torch.equal(p, weights_then[k]) for k, p in model.checkpoint_state_dict().items())
+    assert all(torch.equal(snapshot[k], weights_then[k]) for k in snapshot)
+    assert torch.equal(optimizer_copy["state"][0]["exp_avg"], moment_then)
+    weights_then = {k: v.clone() for k, v in model.checkpoint_state_dict().items()}
+    moment_then = optimizer.state[params[0]]["exp_avg"].clone()
+    monkeypatch.setenv(SLOW_SAVE_ENV, "3:1.5")  # the write of step 3 sleeps before its rename
+    checkpointer = Checkpointer(tmp_path / "ckpt", keep_last=2, rank=0, world_size=1, background=True)
+    folder = checkpointer.save(3, ModelWeights(model), shared={"optimizer": optimizer}, per_rank={"rng": RNGState()},
+                               train_state=TrainState(epoch=0, step=3), cfg=cfg, tokenizer=model.tokenizer)
+    assert not (tmp_path / "ckpt" / LATEST).exists() and not folder.exists()
+    optimizer.step()  # the training goes on: weights and AdamW moments change in place
+    assert not torch.equal(optimizer.state[params[0]]["exp_avg"], moment_then)
+    checkpointer.wait()
+    assert (tmp_path / "ckpt" / LATEST).read_text().strip() == folder.name
+    written = read_weights(folder / "model.safetensors")
+    assert set(written) == set(weights_then)
+    for key, value in weights_then.items():
+        assert torch.equal(written[key], value), key
+    saved_optimizer = torch.load(folder / "optimizer.pt", weights_only=True)
+    assert torch.equal(saved_optimizer["state"][0]["exp_avg"], moment_then)
+    assert read_train_state(folder).step == 3

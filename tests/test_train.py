@@ -180,18 +180,24 @@ def test_exact_resume_recreate_two_ranks(tmp_path, data_root):
 
 
 def test_sigkill_during_save_resumes_from_previous_checkpoint(tmp_path, data_root):
+    """Step 4's checkpoint is written in the background, slowly: the training goes on past it (steps 5 and 6 are
+    recorded while step 4's folder is still temporary), and a SIGKILL then leaves ``latest`` at step 2, from which
+    the run resumes."""
     run_dir = tmp_path / "run"
     args = run_args(run_dir, data_root, 16, "--train.epochs", "2", "--train.save_every", "2")
     proc = subprocess.Popen(command(args), cwd=ROOT, env=child_env(LORAVL_TEST_SLOW_SAVE="4:120"),
                             stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
     tmp_checkpoint = run_dir / "ckpt" / ".tmp-step_00000004"
+    steps_file = run_dir / "logs" / "steps.jsonl"
     try:
         deadline = time.time() + 120
-        while not (tmp_checkpoint / "train_state.json").is_file():  # step 4's pieces are being written
+        # step 4's pieces are being written, and step 6 waits for them at its own save
+        while not ((tmp_checkpoint / "train_state.json").is_file() and steps_file.is_file()
+                   and 6 in read_steps(run_dir)):
             assert proc.poll() is None, proc.stderr.read()[-3000:]
             assert time.time() < deadline
             time.sleep(0.2)
-        time.sleep(0.5)
+        assert tmp_checkpoint.is_dir() and not (run_dir / "ckpt" / "step_00000004").exists()
     finally:
         proc.send_signal(signal.SIGKILL)
         proc.wait()
@@ -201,7 +207,7 @@ def test_sigkill_during_save_resumes_from_previous_checkpoint(tmp_path, data_roo
     assert f"Resumed from {run_dir / 'ckpt' / 'step_00000002'} at epoch 0 step 2" in log_text(run_dir)
     assert latest(run_dir) == "step_00000005"
     assert not tmp_checkpoint.exists()
-    assert sorted(read_steps(run_dir)) == [1, 2, 3, 4, 5]
+    assert sorted(read_steps(run_dir)) == [1, 2, 3, 4, 5, 6]  # step 6 is the killed run's
 
 
 def _worker_pids(parent: int) -> dict[int, int]:

@@ -16,6 +16,9 @@ and ``<checkpoint_dir>/latest`` names the newest complete one. Save order: every
 fsync, rename the folder, then replace ``latest`` atomically; a process killed at any moment leaves ``latest``
 naming a complete checkpoint. Multi-node runs need ``checkpoint_dir`` on a shared filesystem.
 
+With ``background`` (the trainer's default) rank 0 copies what it writes to the CPU during ``save()`` and writes it
+in a thread while the training goes on; the next ``save()`` (or ``wait()``) waits for it first.
+
 Everything is read back with safetensors or ``torch.load(weights_only=True)``.
 ``load_model(path)`` rebuilds a model for inference from a checkpoint, the checkpoint dir or an export folder.
 """
@@ -27,6 +30,7 @@ import logging
 import os
 import random
 import shutil
+import threading
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -121,12 +125,27 @@ def _dedupe_shared(state: dict[str, torch.Tensor]) -> tuple[dict[str, torch.Tens
             aliases[name] = kept[key]
             continue
         kept[key] = name
-        out[name] = tensor.detach().contiguous().cpu()
+        out[name] = tensor.detach().to("cpu", copy=True).contiguous()  # a copy even on the CPU: a snapshot
     return out, aliases
 
 
+def cpu_copy(state: Any) -> Any:
+    """``state`` (nested dicts, lists and tuples) with every tensor copied to the CPU: what the training then does
+    to its own tensors (AdamW updates its moments in place) leaves the copy as it was."""
+    if isinstance(state, torch.Tensor):
+        return state.detach().to("cpu", copy=True)
+    if isinstance(state, dict):
+        return {k: cpu_copy(v) for k, v in state.items()}
+    if isinstance(state, (list, tuple)):
+        return type(state)(cpu_copy(v) for v in state)
+    return state
+
+
 def save_weights(state: dict[str, torch.Tensor], path: Path) -> None:
-    tensors, aliases = _dedupe_shared(state)
+    write_weights(*_dedupe_shared(state), path)
+
+
+def write_weights(tensors: dict[str, torch.Tensor], aliases: dict[str, str], path: Path) -> None:
     save_file(tensors, str(path), metadata={"aliases": json.dumps(aliases)})
 
 
@@ -165,6 +184,10 @@ class ModelWeights:
 
     def save(self, path: Path) -> None:
         save_weights(self.model.checkpoint_state_dict(), path)
+
+    def snapshot(self) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
+        """The checkpoint's tensors copied to the CPU, and the aliases of tied ones (``write_weights`` takes them)."""
+        return _dedupe_shared(self.model.checkpoint_state_dict())
 
     def load(self, path: Path) -> None:
         load_weights_into(self.model, read_weights(path), frozen_keys(self.model))
@@ -222,15 +245,22 @@ class Checkpointer:
     """Saves and restores the run as named pieces. ``shared`` pieces are the same on every rank and written by
     rank 0; ``per_rank`` pieces are written by each rank into ``rank_<r>.pt``."""
 
-    def __init__(self, directory: str | Path, keep_last: int, rank: int, world_size: int):
+    def __init__(self, directory: str | Path, keep_last: int, rank: int, world_size: int, background: bool = False):
         self.directory = Path(directory)
         self.keep_last = keep_last
         self.rank = rank
         self.world_size = world_size
+        self.background = background
+        self._writer: threading.Thread | None = None
+        self._write_error: BaseException | None = None
 
     def save(self, step: int, model: ModelWeights, shared: dict[str, Stateful], per_rank: dict[str, Stateful],
              train_state: TrainState, cfg: RunConfig, tokenizer: CaptionTokenizer) -> Path:
-        """Collective: every rank calls it. Returns the new checkpoint folder."""
+        """Collective: every rank calls it. Returns the new checkpoint folder: complete on return, or with
+        ``background`` once rank 0's thread is done (``wait()``). Each rank's own piece is written before it
+        returns either way (it is small); rank 0 copies the shared pieces to the CPU first, so the steps after
+        ``save()`` do not change what is written."""
+        self.wait()  # one write at a time, in step order
         final = self.directory / checkpoint_name(step)
         tmp = self.directory / f"{TMP_PREFIX}{final.name}"
         if self.rank == 0:
@@ -242,30 +272,61 @@ class Checkpointer:
         _fsync(tmp / f"rank_{self.rank}.pt")
         _barrier()
         if self.rank == 0:
-            model.save(tmp / MODEL_FILE)
-            for name, piece in shared.items():
-                torch.save(piece.state_dict(), tmp / f"{name}.pt")
-            (tmp / TRAIN_STATE_FILE).write_text(json.dumps(train_state.state_dict(), indent=1))
-            save_config(cfg, tmp / "config.yaml")
-            tokenizer.save(tmp / "tokenizer")
+            weights = model.snapshot()
+            pieces = {name: cpu_copy(piece.state_dict()) for name, piece in shared.items()}
             vision_config = model.model.vision.model.get_base_model().config
-            vision_config.save_pretrained(str(tmp / "vision_config"))
-            _fsync_tree(tmp)
-            slow_step, _, seconds = os.environ.get(SLOW_SAVE_ENV, "").partition(":")
-            if slow_step and int(slow_step) == step:
-                time.sleep(float(seconds))
-            if final.exists():  # the same step saved again (e.g. a rerun): the older copy goes
-                shutil.rmtree(final)
-            os.rename(tmp, final)
-            _fsync(self.directory)
-            pointer_tmp = self.directory / f"{TMP_PREFIX}{LATEST}"
-            pointer_tmp.write_text(final.name + "\n")
-            _fsync(pointer_tmp)
-            os.replace(pointer_tmp, self.directory / LATEST)  # the pointer moves last
-            _fsync(self.directory)
-            self._prune(final)
-        _barrier()
+            args = (step, tmp, final, weights, pieces, train_state.state_dict(), cfg, tokenizer, vision_config)
+            if self.background:
+                self._writer = threading.Thread(target=self._write_catching, args=args, name="loravl-checkpoint")
+                self._writer.start()
+            else:
+                self._write(*args)
+        if not self.background:
+            _barrier()
         return final
+
+    def wait(self) -> None:
+        """Until the background write, if one runs, is done; raises if it failed (the folder it was writing is
+        left as ``.tmp-step_...``, and ``latest`` names the checkpoint before it)."""
+        if self._writer is not None:
+            self._writer.join()
+            self._writer = None
+        if self._write_error is not None:
+            error, self._write_error = self._write_error, None
+            raise RuntimeError(f"writing a checkpoint into {self.directory} failed: {error}") from error
+
+    def _write_catching(self, *args) -> None:
+        try:
+            self._write(*args)
+        except BaseException as e:  # raised on the training thread by wait()
+            logger.error("Writing a checkpoint failed: %s: %s", type(e).__name__, e)
+            self._write_error = e
+
+    def _write(self, step: int, tmp: Path, final: Path, weights: tuple, pieces: dict[str, Any],
+               train_state: dict[str, Any], cfg: RunConfig, tokenizer: CaptionTokenizer, vision_config) -> None:
+        """Rank 0: the shared pieces into ``tmp``, fsync, rename to ``final``, then ``latest`` moves."""
+        write_weights(*weights, tmp / MODEL_FILE)
+        for name, state in pieces.items():
+            torch.save(state, tmp / f"{name}.pt")
+        (tmp / TRAIN_STATE_FILE).write_text(json.dumps(train_state, indent=1))
+        save_config(cfg, tmp / "config.yaml")
+        tokenizer.save(tmp / "tokenizer")
+        vision_config.save_pretrained(str(tmp / "vision_config"))
+        _fsync_tree(tmp)
+        slow_step, _, seconds = os.environ.get(SLOW_SAVE_ENV, "").partition(":")
+        if slow_step and int(slow_step) == step:
+            time.sleep(float(seconds))
+        if final.exists():  # the same step saved again (e.g. a rerun): the older copy goes
+            shutil.rmtree(final)
+        os.rename(tmp, final)
+        _fsync(self.directory)
+        pointer_tmp = self.directory / f"{TMP_PREFIX}{LATEST}"
+        pointer_tmp.write_text(final.name + "\n")
+        _fsync(pointer_tmp)
+        os.replace(pointer_tmp, self.directory / LATEST)  # the pointer moves last
+        _fsync(self.directory)
+        self._prune(final)
+        logger.info("Saved checkpoint %s", final)
 
     def _prune(self, newest: Path) -> None:
         for old in list_checkpoints(self.directory)[: -self.keep_last]:

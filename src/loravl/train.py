@@ -62,7 +62,8 @@ def _train(cfg: RunConfig, env: "DistributedEnv") -> VisionLanguageModel:
     setup_logging(Path(tc.log_dir), env.rank)
     precision = choose_precision(tc.mixed_precision, env.device)
     logger.info("Run: %d process(es) on %s, precision %s", env.world_size, env.device, precision.name)
-    checkpointer = Checkpointer(tc.checkpoint_dir, tc.keep_last, env.rank, env.world_size)
+    checkpointer = Checkpointer(tc.checkpoint_dir, tc.keep_last, env.rank, env.world_size,
+                                background=tc.checkpoint_in_background)
     resume_from = find_resume_checkpoint(tc)
 
     # Data and tokenizer. The tokenizer is trained on the training captions at the first start, then always
@@ -120,10 +121,9 @@ def _train(cfg: RunConfig, env: "DistributedEnv") -> VisionLanguageModel:
         metrics.flush()  # a bad streak must not be saved over a good checkpoint
         check_finite_weights(model)
         check_replicas(model, env, state.step)
-        path = checkpointer.save(state.step, ModelWeights(model), shared_pieces(optimizer, scheduler, precision),
-                                 per_rank_pieces(loader), state, cfg, tokenizer)
+        checkpointer.save(state.step, ModelWeights(model), shared_pieces(optimizer, scheduler, precision),
+                          per_rank_pieces(loader), state, cfg, tokenizer)  # logs "Saved checkpoint" when written
         last_saved_step = state.step
-        logger.info("Saved checkpoint %s", path)
 
     model.train()
     stopping = False
@@ -172,6 +172,7 @@ def _train(cfg: RunConfig, env: "DistributedEnv") -> VisionLanguageModel:
     metrics.close()
     profiler.close(state.step)
     stop.close()
+    checkpointer.wait()  # the last checkpoint is complete, and latest names it
 
     finished = state.step >= total_steps or state.epoch >= tc.epochs
     if stop.received:
