@@ -155,3 +155,37 @@ def test_background_save_writes_the_state_of_the_moment_it_was_called(tmp_path, 
     saved_optimizer = torch.load(folder / "optimizer.pt", weights_only=True)
     assert torch.equal(saved_optimizer["state"][0]["exp_avg"], moment_then)
     assert read_train_state(folder).step == 3
+
+
+def test_a_failed_background_write_is_raised_by_wait(tmp_path, tiny_model_config, tiny_tokenizer, monkeypatch):
+    """The writer thread's error reaches the training thread at the next wait() (or save()), naming the folder,
+    and ``latest`` still names the checkpoint before it."""
+    import shutil
+    import time
+
+    from loravl.checkpoint import SLOW_SAVE_ENV
+
+    cfg = RunConfig(model=tiny_model_config)
+    model = _trained_looking_model(cfg.model, tiny_tokenizer)
+    checkpointer = Checkpointer(tmp_path / "ckpt", keep_last=3, rank=0, world_size=1, background=True)
+
+    def save(step: int) -> Path:
+        return checkpointer.save(step, ModelWeights(model), shared={}, per_rank={"rng": RNGState()},
+                                 train_state=TrainState(step=step), cfg=cfg, tokenizer=model.tokenizer)
+
+    save(1)
+    monkeypatch.setenv(SLOW_SAVE_ENV, "2:2")  # step 2's pieces are written, then the writer sleeps before the rename
+    save(2)
+    pieces = tmp_path / "ckpt" / ".tmp-step_00000002"
+    deadline = time.time() + 30
+    while not (pieces / "train_state.json").is_file():
+        assert time.time() < deadline
+        time.sleep(0.05)
+    shutil.rmtree(pieces)  # the folder goes away under the writer: its rename fails
+    with pytest.raises(RuntimeError, match="writing a checkpoint into .*ckpt failed"):
+        checkpointer.wait()
+    assert (tmp_path / "ckpt" / LATEST).read_text().strip() == "step_00000001"
+    checkpointer.wait()  # the error was raised once; the checkpointer goes on
+    save(3)
+    checkpointer.wait()
+    assert (tmp_path / "ckpt" / LATEST).read_text().strip() == "step_00000003"
