@@ -603,10 +603,11 @@ def bench_loader(timer, device, args, tokenizer, dinov2_dir) -> list[dict]:
     queued = args.workers * data_cfg.prefetch_factor
     for _ in range(min(queued, per_epoch - warmup - 2)):
         next(it)
-    iters = min(args.steps, per_epoch - warmup - queued)
-    if iters < 3:
-        raise SystemExit(f"--num_jpegs: {len(dataset)} images leave {iters} batches to time after the warm-up "
+    left = per_epoch - warmup - queued
+    if left < 3:
+        raise SystemExit(f"--num_jpegs: {len(dataset)} images leave {left} batches to time after the warm-up "
                          f"({warmup}) and the emptied queue ({queued}); give more")
+    iters = min(max(args.steps, 3), left)  # 3 steps at least (the smoke test in the docstring asks for 2)
     label = "compiled forward, CUDA graphs" if graphs else ("compiled forward" if compile_model else "eager")
 
     def timed_row(name: str, n: int, step=step_from_loader, fed_by="fed by JPEG loader") -> dict:
