@@ -118,9 +118,9 @@ def test_background_save_writes_the_state_of_the_moment_it_was_called(tmp_path, 
                                                                        monkeypatch):
     """``background``: save() returns while the checkpoint is still being written (``latest`` not there yet), the
     weights and optimizer moments changed after it returns are not what is written, and wait() leaves it complete.
-    What the writer thread writes is a copy (``ModelWeights.snapshot``, ``cpu_copy``), even of CPU tensors: the
-    thread may well have written the files before the step below, so the copies are checked on their own first."""
-    from loravl.checkpoint import SLOW_SAVE_ENV, cpu_copy, read_weights
+    The writer thread is held before it writes anything, so the step below runs first: what it writes must be a
+    copy (``ModelWeights.snapshot``, ``cpu_copy``), even of CPU tensors. The copies are checked on their own too."""
+    from loravl.checkpoint import DELAYED_WRITE_ENV, SLOW_SAVE_ENV, cpu_copy, read_weights
 
     cfg = RunConfig(model=tiny_model_config)
     model = _trained_looking_model(cfg.model, tiny_tokenizer)
@@ -139,13 +139,15 @@ def test_background_save_writes_the_state_of_the_moment_it_was_called(tmp_path, 
     assert torch.equal(optimizer_copy["state"][0]["exp_avg"], moment_then)
     weights_then = {k: v.clone() for k, v in model.checkpoint_state_dict().items()}
     moment_then = optimizer.state[params[0]]["exp_avg"].clone()
-    monkeypatch.setenv(SLOW_SAVE_ENV, "3:1.5")  # the write of step 3 sleeps before its rename
+    monkeypatch.setenv(DELAYED_WRITE_ENV, "3:1")  # the write of step 3 starts after the step below
+    monkeypatch.setenv(SLOW_SAVE_ENV, "3:0.5")  # and sleeps before its rename
     checkpointer = Checkpointer(tmp_path / "ckpt", keep_last=2, rank=0, world_size=1, background=True)
     folder = checkpointer.save(3, ModelWeights(model), shared={"optimizer": optimizer}, per_rank={"rng": RNGState()},
                                train_state=TrainState(epoch=0, step=3), cfg=cfg, tokenizer=model.tokenizer)
     assert not (tmp_path / "ckpt" / LATEST).exists() and not folder.exists()
     optimizer.step()  # the training goes on: weights and AdamW moments change in place
     assert not torch.equal(optimizer.state[params[0]]["exp_avg"], moment_then)
+    assert any(not torch.equal(p, weights_then[k]) for k, p in model.checkpoint_state_dict().items())
     checkpointer.wait()
     assert (tmp_path / "ckpt" / LATEST).read_text().strip() == folder.name
     written = read_weights(folder / "model.safetensors")

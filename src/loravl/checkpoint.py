@@ -56,6 +56,8 @@ EXPORT_MARKER = "loravl_export.json"
 # Fault injection for the crash-during-save test: "STEP:SECONDS" sleeps after that step's pieces are written,
 # before the rename.
 SLOW_SAVE_ENV = "LORAVL_TEST_SLOW_SAVE"
+# The same before any of the shared pieces is written (the background-save test changes the state meanwhile).
+DELAYED_WRITE_ENV = "LORAVL_TEST_DELAYED_WRITE"
 
 
 class Stateful(Protocol):
@@ -114,7 +116,8 @@ class RNGState:
 # Model weights
 
 
-def _dedupe_shared(state: dict[str, torch.Tensor]) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
+def _dedupe_shared(state: dict[str, torch.Tensor],
+                   copy: bool = False) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
     """safetensors refuses tensors that share memory (``text.lm_head.weight`` is ``text.transformer.wte.weight``):
     keep the first name of each, and return the others as aliases {dropped: kept}."""
     kept: dict[tuple, str] = {}
@@ -125,7 +128,7 @@ def _dedupe_shared(state: dict[str, torch.Tensor]) -> tuple[dict[str, torch.Tens
             aliases[name] = kept[key]
             continue
         kept[key] = name
-        out[name] = tensor.detach().to("cpu", copy=True).contiguous()  # a copy even on the CPU: a snapshot
+        out[name] = tensor.detach().to("cpu", copy=copy).contiguous()  # copy: even on the CPU, a snapshot
     return out, aliases
 
 
@@ -185,9 +188,10 @@ class ModelWeights:
     def save(self, path: Path) -> None:
         save_weights(self.model.checkpoint_state_dict(), path)
 
-    def snapshot(self) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
-        """The checkpoint's tensors copied to the CPU, and the aliases of tied ones (``write_weights`` takes them)."""
-        return _dedupe_shared(self.model.checkpoint_state_dict())
+    def snapshot(self, copy: bool = True) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
+        """The checkpoint's tensors on the CPU, and the aliases of tied ones (``write_weights`` takes them).
+        ``copy``: copies even of CPU tensors, which the training may then change without changing these."""
+        return _dedupe_shared(self.model.checkpoint_state_dict(), copy=copy)
 
     def load(self, path: Path) -> None:
         load_weights_into(self.model, read_weights(path), frozen_keys(self.model))
@@ -209,6 +213,13 @@ def _fsync_tree(root: Path) -> None:
         for name in files:
             _fsync(Path(dirpath) / name)
         _fsync(Path(dirpath))
+
+
+def _sleep_if_asked(variable: str, step: int) -> None:
+    """Fault injection for the tests: ``variable`` set to "STEP:SECONDS" sleeps that long when saving that step."""
+    slow_step, _, seconds = os.environ.get(variable, "").partition(":")
+    if slow_step and int(slow_step) == step:
+        time.sleep(float(seconds))
 
 
 def _barrier() -> None:
@@ -272,8 +283,10 @@ class Checkpointer:
         _fsync(tmp / f"rank_{self.rank}.pt")
         _barrier()
         if self.rank == 0:
-            weights = model.snapshot()
-            pieces = {name: cpu_copy(piece.state_dict()) for name, piece in shared.items()}
+            # Written while the training goes on (background): copies. Written now: the tensors as they are.
+            weights = model.snapshot(copy=self.background)
+            pieces = {name: cpu_copy(piece.state_dict()) if self.background else piece.state_dict()
+                      for name, piece in shared.items()}
             vision_config = model.model.vision.model.get_base_model().config
             args = (step, tmp, final, weights, pieces, train_state.state_dict(), cfg, tokenizer, vision_config)
             if self.background:
@@ -305,6 +318,7 @@ class Checkpointer:
     def _write(self, step: int, tmp: Path, final: Path, weights: tuple, pieces: dict[str, Any],
                train_state: dict[str, Any], cfg: RunConfig, tokenizer: CaptionTokenizer, vision_config) -> None:
         """Rank 0: the shared pieces into ``tmp``, fsync, rename to ``final``, then ``latest`` moves."""
+        _sleep_if_asked(DELAYED_WRITE_ENV, step)
         write_weights(*weights, tmp / MODEL_FILE)
         for name, state in pieces.items():
             torch.save(state, tmp / f"{name}.pt")
@@ -313,9 +327,7 @@ class Checkpointer:
         tokenizer.save(tmp / "tokenizer")
         vision_config.save_pretrained(str(tmp / "vision_config"))
         _fsync_tree(tmp)
-        slow_step, _, seconds = os.environ.get(SLOW_SAVE_ENV, "").partition(":")
-        if slow_step and int(slow_step) == step:
-            time.sleep(float(seconds))
+        _sleep_if_asked(SLOW_SAVE_ENV, step)
         if final.exists():  # the same step saved again (e.g. a rerun): the older copy goes
             shutil.rmtree(final)
         os.rename(tmp, final)

@@ -776,7 +776,7 @@ class MetricsLogger:
         self.last_time, self.last_step, self.images = time.perf_counter(), start_step, 0
         self.data_wait_s = 0.0  # the host's wait for batches since the last log line
         self.recent_data_waits: list[float] = []  # the last log lines' data wait shares
-        self.told_loader_bound = not hint_when_loader_bound
+        self.hint_when_loader_bound, self.told_loader_bound = hint_when_loader_bound, False
         self.writer = self.jsonl = self.progress = None
         if env.rank == 0:
             from torch.utils.tensorboard import SummaryWriter
@@ -900,7 +900,8 @@ class MetricsLogger:
 
     def _hint_if_loader_bound(self, data_wait: float) -> None:
         self.recent_data_waits = [*self.recent_data_waits, data_wait][-self.LOADER_BOUND_LINES:]
-        if (self.told_loader_bound or self.env.rank != 0 or len(self.recent_data_waits) < self.LOADER_BOUND_LINES
+        if (not self.hint_when_loader_bound or self.told_loader_bound or self.env.rank != 0
+                or len(self.recent_data_waits) < self.LOADER_BOUND_LINES
                 or min(self.recent_data_waits) < self.LOADER_BOUND_WAIT):
             return
         self.told_loader_bound = True
