@@ -1,7 +1,7 @@
 """How long a checkpoint save holds the training thread: the default model (dinov2-base config, random weights,
 the default text model) with AdamW's moments filled, saved by ``loravl.checkpoint.Checkpointer`` written in place
-and in the background, alternated. In the background the thread waits only for the copy to the CPU; the write's
-own time is what ``wait()`` then takes.
+and in the background, alternated. In the background the thread waits only for the copy to the CPU (into buffers
+kept from the save before: the first save allocates them); the write's own time is what ``wait()`` then takes.
 
     python bench/checkpoint_stall.py --out stall.json [--dir /tmp/ckpt] [--repeats 3]
 """
@@ -44,9 +44,12 @@ def main() -> None:
     optimizer.step()  # the moments exist, as after any step
     directory = Path(args.dir or tempfile.mkdtemp(prefix="ckpt_stall_"))
     rows = []
+    # One checkpointer of each kind for the whole run, as in the trainer: the background one copies into the
+    # buffers its first save allocated (repeat 0 holds that allocation).
+    checkpointers = {background: Checkpointer(directory, keep_last=2, rank=0, world_size=1, background=background)
+                     for background in (False, True)}
     for repeat in range(args.repeats):
-        for background in (False, True):
-            checkpointer = Checkpointer(directory, keep_last=2, rank=0, world_size=1, background=background)
+        for background, checkpointer in checkpointers.items():
             step = 2 * repeat + int(background) + 1
             if device.type == "cuda":
                 torch.cuda.synchronize()

@@ -76,7 +76,7 @@ def median_data_wait(log: Path, first_step: int, last_step: int) -> float | None
 
 def run(n: int, args, manifest: Path) -> dict:
     run_dir = Path(args.out) / f"gpus{n}"
-    cmd = trainer_command(n, args, run_dir, manifest, ["--train.save_every", str(args.steps)])
+    cmd = trainer_command(n, args, run_dir, manifest, ["--train.save_every", str(args.save_every or args.steps)])
     t0 = time.time()
     proc = subprocess.run(cmd, env=ENV, capture_output=True, text=True, timeout=args.timeout)
     (run_dir / "stdout.txt").write_text(proc.stdout + proc.stderr)
@@ -173,6 +173,8 @@ def main() -> None:
     p.add_argument("--log_every", type=int, default=10)
     p.add_argument("--workers", type=int, default=6, help="loader workers per GPU")
     p.add_argument("--timeout", type=int, default=900)
+    p.add_argument("--save_every", type=int, default=0, help="checkpoint interval of the timing runs (default: "
+                   "at the end only; an epoch end saves too)")
     p.add_argument("--skip_resume", action="store_true")
     p.add_argument("--resume_only", action="store_true", help="only the kill-and-resume check, no timing runs")
     p.add_argument("--extra", default="", help="more trainer overrides, e.g. a tiny model for a CPU smoke test")

@@ -119,8 +119,8 @@ def test_background_save_writes_the_state_of_the_moment_it_was_called(tmp_path, 
     """``background``: save() returns while the checkpoint is still being written (``latest`` not there yet), the
     weights and optimizer moments changed after it returns are not what is written, and wait() leaves it complete.
     The writer thread is held before it writes anything, so the step below runs first: what it writes must be a
-    copy (``ModelWeights.snapshot``, ``cpu_copy``), even of CPU tensors. The copies are checked on their own too."""
-    from loravl.checkpoint import DELAYED_WRITE_ENV, SLOW_SAVE_ENV, cpu_copy, read_weights
+    copy (``CpuStaging``), even of CPU tensors. The copies are checked on their own too."""
+    from loravl.checkpoint import DELAYED_WRITE_ENV, SLOW_SAVE_ENV, CpuStaging, read_weights
 
     cfg = RunConfig(model=tiny_model_config)
     model = _trained_looking_model(cfg.model, tiny_tokenizer)
@@ -131,8 +131,10 @@ def test_background_save_writes_the_state_of_the_moment_it_was_called(tmp_path, 
     optimizer.step()
     weights_then = {k: v.clone() for k, v in model.checkpoint_state_dict().items()}
     moment_then = optimizer.state[params[0]]["exp_avg"].clone()
-    snapshot, _ = ModelWeights(model).snapshot()
-    optimizer_copy = cpu_copy(optimizer.state_dict())
+    staging = CpuStaging()
+    snapshot, _ = ModelWeights(model).snapshot(staging)
+    optimizer_copy = staging.copy(optimizer.state_dict(), ("optimizer",))
+    staging.finish()
     optimizer.step()
     assert any(not torch.equal(p, weights_then[k]) for k, p in model.checkpoint_state_dict().items())
     assert all(torch.equal(snapshot[k], weights_then[k]) for k in snapshot)
@@ -157,6 +159,51 @@ def test_background_save_writes_the_state_of_the_moment_it_was_called(tmp_path, 
     saved_optimizer = torch.load(folder / "optimizer.pt", weights_only=True)
     assert torch.equal(saved_optimizer["state"][0]["exp_avg"], moment_then)
     assert read_train_state(folder).step == 3
+
+
+def test_background_saves_reuse_their_buffers_only_after_the_write_before(tmp_path, tiny_model_config,
+                                                                           tiny_tokenizer, monkeypatch):
+    """A background save copies into the buffers the save before it used (no new memory each time), so it must
+    wait for that save's write first: the first write is held here until after the second save was called, and
+    each checkpoint must still hold its own step's weights and moments. A piece that changes shape (the optimizer
+    gains LoRA's moments at the phase switch) gets new buffers, and the ones no longer used are let go."""
+    from loravl.checkpoint import DELAYED_WRITE_ENV, CpuStaging, read_weights
+
+    cfg = RunConfig(model=tiny_model_config)
+    model = _trained_looking_model(cfg.model, tiny_tokenizer)
+    params = [p for _, p in model.trainable_parameters()]
+    optimizer = torch.optim.AdamW(params, lr=1e-2)
+    checkpointer = Checkpointer(tmp_path / "ckpt", keep_last=3, rank=0, world_size=1, background=True)
+    expected = {}
+    monkeypatch.setenv(DELAYED_WRITE_ENV, "1:1")  # step 1's write starts a second after its save returned
+    for step in (1, 2):
+        for p in params:
+            p.grad = torch.randn_like(p)
+        optimizer.step()
+        expected[step] = ({k: v.clone() for k, v in model.checkpoint_state_dict().items()},
+                          optimizer.state[params[0]]["exp_avg"].clone())
+        checkpointer.save(step, ModelWeights(model), shared={"optimizer": optimizer}, per_rank={"rng": RNGState()},
+                          train_state=TrainState(step=step), cfg=cfg, tokenizer=model.tokenizer)
+    checkpointer.wait()
+    for step, (weights, moment) in expected.items():
+        folder = tmp_path / "ckpt" / f"step_{step:08d}"
+        written = read_weights(folder / "model.safetensors")
+        assert all(torch.equal(written[k], v) for k, v in weights.items()), step
+        saved = torch.load(folder / "optimizer.pt", weights_only=True)
+        assert torch.equal(saved["state"][0]["exp_avg"], moment), step
+    assert not torch.equal(expected[1][1], expected[2][1])
+
+    staging = CpuStaging()
+    first = staging.copy({"weight": torch.ones(4), "gone": torch.ones(2)}, ("model",))
+    staging.finish()
+    again = staging.copy({"weight": torch.full((4,), 2.0), "new": torch.zeros(3)}, ("model",))
+    staging.finish()
+    assert again["weight"].data_ptr() == first["weight"].data_ptr() and torch.equal(first["weight"], again["weight"])
+    assert torch.equal(again["weight"], torch.full((4,), 2.0))
+    resized = staging.copy({"weight": torch.ones(5), "new": torch.ones(3)}, ("model",))
+    staging.finish()
+    assert resized["weight"].shape == (5,) and resized["new"].data_ptr() == again["new"].data_ptr()
+    assert set(staging._buffers) == {("model", "weight"), ("model", "new")}
 
 
 def test_a_failed_background_write_is_raised_by_wait(tmp_path, tiny_model_config, tiny_tokenizer, monkeypatch):

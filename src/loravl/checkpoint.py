@@ -16,8 +16,9 @@ and ``<checkpoint_dir>/latest`` names the newest complete one. Save order: every
 fsync, rename the folder, then replace ``latest`` atomically; a process killed at any moment leaves ``latest``
 naming a complete checkpoint. Multi-node runs need ``checkpoint_dir`` on a shared filesystem.
 
-With ``background`` (the trainer's default) rank 0 copies what it writes to the CPU during ``save()`` and writes it
-in a thread while the training goes on; the next ``save()`` (or ``wait()``) waits for it first.
+With ``background`` (the trainer's default) rank 0 copies what it writes to the CPU during ``save()`` (into buffers
+kept between saves, ``CpuStaging``) and writes it in a thread while the training goes on; the next ``save()`` (or
+``wait()``) waits for it first.
 
 Everything is read back with safetensors or ``torch.load(weights_only=True)``.
 ``load_model(path)`` rebuilds a model for inference from a checkpoint, the checkpoint dir or an export folder.
@@ -116,10 +117,9 @@ class RNGState:
 # Model weights
 
 
-def _dedupe_shared(state: dict[str, torch.Tensor],
-                   copy: bool = False) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
+def _dedupe_shared(state: dict[str, torch.Tensor]) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
     """safetensors refuses tensors that share memory (``text.lm_head.weight`` is ``text.transformer.wte.weight``):
-    keep the first name of each, and return the others as aliases {dropped: kept}."""
+    keep the first name of each (detached, where it is), and return the others as aliases {dropped: kept}."""
     kept: dict[tuple, str] = {}
     out, aliases = {}, {}
     for name, tensor in state.items():
@@ -128,24 +128,62 @@ def _dedupe_shared(state: dict[str, torch.Tensor],
             aliases[name] = kept[key]
             continue
         kept[key] = name
-        out[name] = tensor.detach().to("cpu", copy=copy).contiguous()  # copy: even on the CPU, a snapshot
+        out[name] = tensor.detach()
     return out, aliases
 
 
-def cpu_copy(state: Any) -> Any:
-    """``state`` (nested dicts, lists and tuples) with every tensor copied to the CPU: what the training then does
-    to its own tensors (AdamW updates its moments in place) leaves the copy as it was."""
-    if isinstance(state, torch.Tensor):
-        return state.detach().to("cpu", copy=True)
-    if isinstance(state, dict):
-        return {k: cpu_copy(v) for k, v in state.items()}
-    if isinstance(state, (list, tuple)):
-        return type(state)(cpu_copy(v) for v in state)
-    return state
+class CpuStaging:
+    """The CPU copies a background save writes, into buffers kept from one save to the next (page-locked for GPU
+    tensors, so the copies run at the bus's rate without a sync each). On an H200 host a save of the default
+    model's 801 MB held the training thread 0.03 s, against 0.54-0.59 s copying into new memory (which the first
+    save still does) and 1.0-1.6 s written in place (BENCHMARKS.md, thirteenth session).
+
+    A save may reuse the buffers only once the write of the one before is done: ``Checkpointer.save`` waits for it
+    before copying. What the training does to its own tensors afterwards leaves the copies as they were."""
+
+    def __init__(self) -> None:
+        self._buffers: dict[tuple, torch.Tensor] = {}
+        self._used: dict[tuple, torch.Tensor] = {}
+        self._devices: set[torch.device] = set()
+
+    def copy(self, state: Any, key: tuple = ()) -> Any:
+        """``state`` (nested dicts, lists and tuples) with every tensor copied; ``key`` names the piece (buffers
+        are kept by the path to each tensor)."""
+        if isinstance(state, torch.Tensor):
+            return self._copy_tensor(key, state.detach())
+        if isinstance(state, dict):
+            return {k: self.copy(v, (*key, k)) for k, v in state.items()}
+        if isinstance(state, (list, tuple)):
+            return type(state)(self.copy(v, (*key, i)) for i, v in enumerate(state))
+        return state
+
+    def _copy_tensor(self, key: tuple, tensor: torch.Tensor) -> torch.Tensor:
+        buffer = self._buffers.get(key)
+        if buffer is None or buffer.shape != tensor.shape or buffer.dtype != tensor.dtype:
+            buffer = torch.empty(tensor.shape, dtype=tensor.dtype, pin_memory=tensor.is_cuda)
+        self._used[key] = buffer
+        if tensor.is_cuda:
+            self._devices.add(tensor.device)
+        buffer.copy_(tensor, non_blocking=tensor.is_cuda)
+        return buffer
+
+    def finish(self) -> None:
+        """After the save's copies: waits for those from a GPU, and lets go of the buffers this save did not use
+        (a tensor that changed shape, or a piece gone)."""
+        for device in self._devices:
+            torch.cuda.synchronize(device)
+        self._buffers, self._used, self._devices = self._used, {}, set()
+
+
+def cpu_weights(state: dict[str, torch.Tensor]) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
+    """What ``write_weights`` takes: the tensors on the CPU (not copied where they are there already), and the
+    aliases of tied ones."""
+    tensors, aliases = _dedupe_shared(state)
+    return {k: v.to("cpu").contiguous() for k, v in tensors.items()}, aliases
 
 
 def save_weights(state: dict[str, torch.Tensor], path: Path) -> None:
-    write_weights(*_dedupe_shared(state), path)
+    write_weights(*cpu_weights(state), path)
 
 
 def write_weights(tensors: dict[str, torch.Tensor], aliases: dict[str, str], path: Path) -> None:
@@ -188,10 +226,13 @@ class ModelWeights:
     def save(self, path: Path) -> None:
         save_weights(self.model.checkpoint_state_dict(), path)
 
-    def snapshot(self, copy: bool = True) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
-        """The checkpoint's tensors on the CPU, and the aliases of tied ones (``write_weights`` takes them).
-        ``copy``: copies even of CPU tensors, which the training may then change without changing these."""
-        return _dedupe_shared(self.model.checkpoint_state_dict(), copy=copy)
+    def snapshot(self, staging: CpuStaging | None = None) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
+        """The checkpoint's tensors on the CPU and the aliases of tied ones (``write_weights`` takes them). With
+        ``staging``, copies of them: the training may then change its own tensors without changing these."""
+        if staging is None:
+            return cpu_weights(self.model.checkpoint_state_dict())
+        tensors, aliases = _dedupe_shared(self.model.checkpoint_state_dict())
+        return staging.copy(tensors, ("model",)), aliases
 
     def load(self, path: Path) -> None:
         load_weights_into(self.model, read_weights(path), frozen_keys(self.model))
@@ -262,6 +303,7 @@ class Checkpointer:
         self.rank = rank
         self.world_size = world_size
         self.background = background
+        self._staging = CpuStaging()
         self._writer: threading.Thread | None = None
         self._write_error: BaseException | None = None
 
@@ -271,7 +313,7 @@ class Checkpointer:
         ``background`` once rank 0's thread is done (``wait()``). Each rank's own piece is written before it
         returns either way (it is small); rank 0 copies the shared pieces to the CPU first, so the steps after
         ``save()`` do not change what is written."""
-        self.wait()  # one write at a time, in step order
+        self.wait()  # one write at a time, in step order; the staging buffers are free again after it
         final = self.directory / checkpoint_name(step)
         tmp = self.directory / f"{TMP_PREFIX}{final.name}"
         if self.rank == 0:
@@ -284,9 +326,13 @@ class Checkpointer:
         _barrier()
         if self.rank == 0:
             # Written while the training goes on (background): copies. Written now: the tensors as they are.
-            weights = model.snapshot(copy=self.background)
-            pieces = {name: cpu_copy(piece.state_dict()) if self.background else piece.state_dict()
-                      for name, piece in shared.items()}
+            if self.background:
+                weights = model.snapshot(self._staging)
+                pieces = {name: self._staging.copy(piece.state_dict(), (name,)) for name, piece in shared.items()}
+                self._staging.finish()
+            else:
+                weights = model.snapshot()
+                pieces = {name: piece.state_dict() for name, piece in shared.items()}
             vision_config = model.model.vision.model.get_base_model().config
             args = (step, tmp, final, weights, pieces, train_state.state_dict(), cfg, tokenizer, vision_config)
             if self.background:
