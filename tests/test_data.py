@@ -557,7 +557,41 @@ def test_workers_reuse_shared_memory_batches_without_touching_yielded_ones(demo_
         [build_dataset(cfg, "train", IMAGE_SIZE)[(0, 0)]])  # no slot outside a worker
     slots_used = len(loader._slot_pixels)
     assert 2 <= slots_used <= 2 * loader.slots.slots_per_worker < len(reused)
-    assert not any(loader.slots.flags)  # every slot released
+    # Only the batches decoded ahead (the next epoch's) hold a slot: every one read was released.
+    assert sum(loader.slots.flags) <= 2 * cfg.prefetch_factor
+
+
+def test_the_train_loader_decodes_the_next_epoch_before_it_starts(demo_root):
+    """At an epoch's end a map-style train loader's workers go on into the next epoch (so the trainer's first
+    step of it need not wait for a batch to be decoded), and the epochs it yields are those of a loader started
+    at each epoch. Setting an epoch other than the next one starts a new pass there."""
+    import time
+
+    cfg = DataConfig(format="jsonl", train_path=str(demo_root / "train" / "captions.jsonl"), prefetch_factor=2)
+
+    def loader_at(epoch, workers=2):
+        loader = build_dataloader(build_dataset(cfg, "train", IMAGE_SIZE), cfg, 4, train=True, seed=5,
+                                  num_workers=workers)
+        loader.set_epoch(epoch)
+        return loader
+
+    fresh = {epoch: _batches(loader_at(epoch, workers=0)) for epoch in (0, 1, 4)}
+    loader = loader_at(0)
+    assert _batches(loader) == fresh[0]
+    deadline = time.time() + 30
+    while sum(loader.slots.flags) < 2 * cfg.prefetch_factor:  # both workers fill their queue with epoch 1
+        assert time.time() < deadline, "no batch of the next epoch was decoded ahead"
+        time.sleep(0.05)
+    loader.set_epoch(1)
+    assert _batches(loader, limit=2) == fresh[1][:2]
+    loader.set_epoch(4)  # mid-epoch, another epoch: a new pass from its start
+    assert _batches(loader) == fresh[4]
+    eval_loader = build_dataloader(build_dataset(cfg, "train", IMAGE_SIZE, train=False), cfg, 4, train=False,
+                                   seed=5, num_workers=2)
+    first_pass = _batches(eval_loader)
+    time.sleep(0.3)
+    assert not any(eval_loader.slots.flags)  # an eval loader stops with its epoch
+    assert _batches(eval_loader) == first_pass
 
 
 def test_demo_vocab_and_determinism(tmp_path):

@@ -66,7 +66,7 @@ class SampleBuilder:
 
 
 class CaptionDataset(Dataset):
-    """Map-style: one item per image. Indexed by ``(index, epoch)`` (what ``EpochDistributedSampler`` yields, so
+    """Map-style: one item per image. Indexed by ``(index, epoch)`` (what ``EpochBatchSampler`` yields, so
     persistent workers learn the epoch) or by a plain index (epoch 0)."""
 
     def __init__(self, table: RecordTable, builder: SampleBuilder) -> None:

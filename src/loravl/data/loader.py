@@ -1,18 +1,23 @@
 """``build_dataset`` and ``build_dataloader``: distributed, resumable, multi-worker loading of any format.
 
-Map-style data goes through torchdata's ``StatefulDataLoader`` with a stateful distributed sampler; streaming data
-(webdataset, HF streaming) through the same loader with a dataset that saves its own per-worker position. Either
-way ``CaptionLoader.state_dict()`` is this rank's state: save one per rank, load it into the same rank with the same
-world size and num_workers.
+Map-style data goes through torchdata's ``StatefulDataLoader`` with a stateful distributed batch sampler; streaming
+data (webdataset, HF streaming) through the same loader with a dataset that saves its own per-worker position.
+Either way ``CaptionLoader.state_dict()`` is this rank's state: save one per rank, load it into the same rank with
+the same world size and num_workers.
+
+A map-style train loader runs on from one epoch into the next: its workers decode the next epoch's first batches
+while the trainer ends an epoch (log, checkpoint, evaluation), instead of all starting on an empty queue at the
+epoch's first step (a third of a second's wait at each epoch start on an H200 host; BENCHMARKS.md).
 """
 from __future__ import annotations
 
+import math
 import os
 from typing import Any, Iterator, Optional, Union
 
 import torch
 from torchdata.stateful_dataloader import StatefulDataLoader
-from torchdata.stateful_dataloader.sampler import StatefulDistributedSampler
+from torch.utils.data import DistributedSampler
 
 from loravl.config import DataConfig
 from loravl.data.collate import CaptionCollator, SharedBatchSlots, Tokenize
@@ -27,17 +32,59 @@ AnyCaptionDataset = Union[CaptionDataset, StreamingCaptionDataset]
 MIN_SAMPLES_BEFORE_SKIP_CHECK = 512
 
 
-class EpochDistributedSampler(StatefulDistributedSampler):
-    """This rank's indices for the epoch, shuffled by (seed, epoch), each tagged with the epoch.
+class EpochBatchSampler:
+    """This rank's batches of a map-style dataset, epoch after epoch, each index tagged with its epoch: a batch is
+    a list of ``(index, epoch)`` and never spans two epochs.
 
-    The tag is how persistent worker processes learn the epoch (their copy of the dataset never sees set_epoch).
-    State (how many indices were yielded) comes from torchdata's StatefulDistributedSampler.
+    The order of each epoch is torch's ``DistributedSampler``'s (shuffled by (seed, epoch), padded to equal counts
+    on every rank). ``continuous``: the iteration runs on into the following epochs (the train loader); otherwise it
+    ends with the epoch. The tag is how persistent worker processes learn the epoch (their copy of the dataset
+    never sees set_epoch). Stateful: ``state_dict()`` is the position after the last batch handed out, which
+    ``StatefulDataLoader`` records with each batch it dispatches and restores from.
     """
 
-    def __iter__(self) -> Iterator[tuple[int, int]]:  # type: ignore[override]
-        epoch = self.epoch
-        for index in super().__iter__():
-            yield index, epoch
+    def __init__(self, dataset_size: int, batch_size: int, *, num_replicas: int, rank: int, shuffle: bool,
+                 seed: int, drop_last: bool, continuous: bool) -> None:
+        self.order = DistributedSampler(range(dataset_size), num_replicas=num_replicas, rank=rank, shuffle=shuffle,
+                                        seed=seed)
+        self.batch_size = batch_size
+        self.drop_last = drop_last
+        self.continuous = continuous
+        self.epoch = 0
+        self._position = (0, 0)  # (epoch, batches of it handed out)
+        self._resume_at: Optional[tuple[int, int]] = None
+
+    def set_epoch(self, epoch: int) -> None:
+        """Where the next iteration starts (a restored state takes precedence)."""
+        self.epoch = epoch
+
+    def __len__(self) -> int:
+        """Batches per epoch."""
+        count = len(self.order)
+        return count // self.batch_size if self.drop_last else math.ceil(count / self.batch_size)
+
+    def epoch_batches(self, epoch: int) -> list[list[int]]:
+        self.order.set_epoch(epoch)
+        indices = list(self.order)
+        return [indices[i:i + self.batch_size] for i in range(0, len(self) * self.batch_size, self.batch_size)]
+
+    def __iter__(self) -> Iterator[list[tuple[int, int]]]:
+        epoch, done = self._resume_at if self._resume_at is not None else (self.epoch, 0)
+        self._resume_at = None
+        while True:
+            batches = self.epoch_batches(epoch)
+            for k in range(done, len(batches)):
+                self._position = (epoch, k + 1)
+                yield [(index, epoch) for index in batches[k]]
+            if not self.continuous:
+                return
+            epoch, done = epoch + 1, 0
+
+    def state_dict(self) -> dict[str, int]:
+        return {"epoch": self._position[0], "batches": self._position[1]}
+
+    def load_state_dict(self, state: dict[str, int]) -> None:
+        self._resume_at = (int(state["epoch"]), int(state["batches"]))
 
 
 def build_dataset(cfg: DataConfig, split: str, image_size: int, *, train: Optional[bool] = None) -> AnyCaptionDataset:
@@ -61,47 +108,71 @@ def build_dataset(cfg: DataConfig, split: str, image_size: int, *, train: Option
 class CaptionLoader:
     """Iterates batches for one rank; ``set_epoch(e)`` before each epoch; ``state_dict()`` mid-epoch to resume.
 
-    Counts kept and skipped samples per epoch in ``skips`` (a ``SkipCounter``; reset when the epoch changes) and
-    raises ``TooManySkippedError`` when more than ``max_skip_fraction`` fail. Batches whose samples were all skipped
-    are counted but not yielded.
+    Each pass (``iter``) yields one epoch. A map-style train loader keeps its iterator from one epoch to the next
+    (``EpochBatchSampler.continuous``), so its workers never stop decoding at an epoch end; setting any other
+    epoch than the next one starts a new pass there. Counts kept and skipped samples per epoch in ``skips`` (a
+    ``SkipCounter``; reset when the epoch changes) and raises ``TooManySkippedError`` when more than
+    ``max_skip_fraction`` fail. Batches whose samples were all skipped are counted but not yielded.
     """
 
     def __init__(self, loader: StatefulDataLoader, dataset: AnyCaptionDataset,
-                 sampler: Optional[EpochDistributedSampler], max_skip_fraction: float,
+                 batch_sampler: Optional[EpochBatchSampler], max_skip_fraction: float,
                  slots: Optional[SharedBatchSlots] = None) -> None:
         self.loader = loader
         self.dataset = dataset
-        self.sampler = sampler
+        self.batch_sampler = batch_sampler
         self.max_skip_fraction = max_skip_fraction
         self.slots = slots
         self._slot_pixels: dict[int, torch.Tensor] = {}  # this process's mapping of each slot, kept
         self.skips = SkipCounter()
         self._epoch = 0
+        self._batches_done = 0  # of this epoch, yielded or all skipped
+        self._running: Optional[Iterator[dict[str, Any]]] = None  # the continuous iterator, between epochs
+        self._restored = False  # load_state_dict: the next pass resumes mid-epoch
         self.set_epoch(0)
 
     @property
     def epoch(self) -> int:
         return self._epoch
 
+    @property
+    def continuous(self) -> bool:
+        return self.batch_sampler is not None and self.batch_sampler.continuous
+
     def set_epoch(self, epoch: int) -> None:
+        if self._running is not None and not (epoch == self._epoch + 1 and self._batches_done == len(self)):
+            self._running = None  # the next pass starts at ``epoch``, dropping what was decoded ahead
         if epoch != self._epoch:
             self.skips.reset()
+            self._batches_done = 0
         self._epoch = epoch
-        if self.sampler is not None:
-            self.sampler.set_epoch(epoch)
+        if self.batch_sampler is not None:
+            self.batch_sampler.set_epoch(epoch)
         if isinstance(self.dataset, StreamingCaptionDataset):
             self.dataset.set_epoch(epoch)
 
     def __len__(self) -> int:
         """Batches per epoch on this rank (map-style only; before skips)."""
-        if self.sampler is None:
+        if self.batch_sampler is None:
             raise TypeError("a streaming loader has no length; count steps instead")
-        return len(self.loader)
+        return len(self.batch_sampler)
 
     def __iter__(self) -> Iterator[dict[str, Any]]:
-        if self.slots is not None:
-            self.slots.release_all()
-        for batch in self.loader:
+        if self._running is None:  # a new pass: from the epoch's start, or from a state just loaded
+            if not self._restored:
+                self._batches_done = 0
+            self._restored = False
+            if self.slots is not None:
+                self.slots.release_all()  # batches left in flight by the last pass were dropped unread
+            self._running = iter(self.loader)
+        batches = self._running
+        if not self.continuous:
+            self._running = None
+        while self.batch_sampler is None or self._batches_done < len(self):
+            batch = next(batches, None)
+            if batch is None:
+                break
+            self._batches_done += 1
             slot = batch.pop("pixel_slot", None)
             if slot is not None:
                 if not self.loader.pin_memory:  # still the slot's memory: copy it out before the worker reuses it
@@ -117,11 +188,18 @@ class CaptionLoader:
         self.skips.check(self.max_skip_fraction)
 
     def state_dict(self) -> dict[str, Any]:
-        return {"epoch": self._epoch, "loader": self.loader.state_dict(), "skips": self.skips.state_dict()}
+        return {"epoch": self._epoch, "batches_done": self._batches_done, "loader": self.loader.state_dict(),
+                "skips": self.skips.state_dict()}
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
         """Restore a rank's state: the next iteration yields what that epoch had not consumed yet."""
+        if "batches_done" not in state:
+            raise ValueError("this data loader state was saved by a loravl before the train loader ran on across "
+                             "epochs (no 'batches_done'): resume from a checkpoint at an epoch's end, or with the "
+                             "loravl that wrote it")
         self.set_epoch(int(state["epoch"]))
+        self._running = None
+        self._batches_done, self._restored = int(state["batches_done"]), True
         self.loader.load_state_dict(state["loader"])
         self.skips.load_state_dict(state["skips"])
 
@@ -161,15 +239,15 @@ def build_dataloader(dataset: AnyCaptionDataset, cfg: DataConfig, batch_size: in
     slots = SharedBatchSlots(num_workers, cfg.prefetch_factor + 2) if num_workers > 0 else None
     collate = CaptionCollator(dataset.builder.image_size, tokenize=tokenize, keep_all_captions=not train,
                               slots=slots)
-    sampler: Optional[EpochDistributedSampler] = None
+    workers = {"num_workers": num_workers, "collate_fn": collate, "pin_memory": pin_memory,
+               "persistent_workers": num_workers > 0, "prefetch_factor": cfg.prefetch_factor if num_workers else None}
     if isinstance(dataset, StreamingCaptionDataset):
         dataset.seed = seed
         dataset.shuffle = train
         dataset.set_distributed(rank, world_size)
-    else:
-        sampler = EpochDistributedSampler(dataset, num_replicas=world_size, rank=rank, shuffle=train, seed=seed)
-    loader = StatefulDataLoader(
-        dataset, batch_size=batch_size, sampler=sampler, num_workers=num_workers, collate_fn=collate,
-        pin_memory=pin_memory, drop_last=drop_last,
-        persistent_workers=num_workers > 0, prefetch_factor=cfg.prefetch_factor if num_workers > 0 else None)
-    return CaptionLoader(loader, dataset, sampler, cfg.max_skip_fraction, slots)
+        loader = StatefulDataLoader(dataset, batch_size=batch_size, drop_last=drop_last, **workers)
+        return CaptionLoader(loader, dataset, None, cfg.max_skip_fraction, slots)
+    batch_sampler = EpochBatchSampler(len(dataset), batch_size, num_replicas=world_size, rank=rank, shuffle=train,
+                                      seed=seed, drop_last=drop_last, continuous=train)
+    loader = StatefulDataLoader(dataset, batch_sampler=batch_sampler, **workers)
+    return CaptionLoader(loader, dataset, batch_sampler, cfg.max_skip_fraction, slots)
