@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import signal
 import subprocess
 import sys
@@ -382,6 +383,31 @@ def test_a_streak_of_non_finite_steps_stops_the_run_without_saving(tmp_path, dat
     steps = read_steps(tmp_path)
     assert sorted(steps) == [1, 2, 3] and all(r["skipped_step"] for r in steps.values())
     assert not [p for p in (tmp_path / "ckpt").iterdir() if p.name.startswith("step_")]
+
+
+def test_a_log_line_at_every_log_step_whatever_max_bad_steps(tmp_path):
+    """The metrics are read back from the device in chunks; each log step must end one, or its line is never
+    written (log_every 26 with max_bad_steps 10 once logged only steps 130 and 208 of 208). A flush between log
+    steps (an epoch's end, a checkpoint) must not cost the next line either."""
+    from collections import Counter
+
+    from loravl.checkpoint import TrainState
+    from loravl.config import TrainConfig
+    from loravl.train import LOSS_NAMES, DistributedEnv, MetricsLogger, setup_logging
+
+    setup_logging(tmp_path, rank=0)
+    env = DistributedEnv(rank=0, local_rank=0, world_size=1, device=torch.device("cpu"))
+    metrics = MetricsLogger(tmp_path, env, 60, TrainConfig(log_every=7, max_bad_steps=3), start_step=0)
+    step_metrics = {**{n: torch.tensor(1.0) for n in (*LOSS_NAMES, "grad_norm")}, "bad": torch.tensor(0.0),
+                    "images": 4, "skipped": Counter()}
+    for step in range(1, 61):
+        metrics.record(TrainState(step=step), step_metrics, lrs=[1e-4])
+        if step in (10, 25):
+            metrics.flush()
+    metrics.flush()
+    metrics.close()
+    logged = [int(m) for m in re.findall(r"step (\d+)/60", (tmp_path / "training.log").read_text())]
+    assert logged == [*range(7, 57, 7), 60]
 
 
 def test_the_log_says_once_when_the_loader_sets_the_pace(tmp_path):

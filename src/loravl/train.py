@@ -772,7 +772,6 @@ class MetricsLogger:
         self.bad_streak = 0
         self.interval_sums: Counter = Counter()  # TensorBoard's means over the current log interval
         self.interval_steps = 0
-        self.flush_every = min(tc.log_every, tc.max_bad_steps)
         self.last_time, self.last_step, self.images = time.perf_counter(), start_step, 0
         self.data_wait_s = 0.0  # the host's wait for batches since the last log line
         self.recent_data_waits: list[float] = []  # the last log lines' data wait shares
@@ -793,7 +792,10 @@ class MetricsLogger:
         self.pending.append((state.step, state.epoch, state.phase, step_metrics, lrs))
         if self.progress is not None:
             self.progress.update(1)
-        if state.step % self.flush_every == 0 or state.step >= self.total_steps:
+        # A read-back ends at every log step (its line is written with the last step read back) and every
+        # max_bad_steps steps (the non-finite check).
+        step = state.step
+        if step % self.tc.log_every == 0 or step % self.tc.max_bad_steps == 0 or step >= self.total_steps:
             self._start_read_back()
         self._write_landed(up_to_step=state.step - self.READ_BACK_LAG)
 
