@@ -114,6 +114,30 @@ def test_rng_state_round_trip_with_weights_only_load(tmp_path):
     assert torch.equal(expected[0], got[0]) and np.array_equal(expected[1], got[1]) and expected[2] == got[2]
 
 
+def test_a_loader_state_from_before_the_continuous_loader_fails_naming_the_file(tmp_path, tiny_model_config,
+                                                                                tiny_tokenizer):
+    """A mid-epoch loader state written before the train loader ran on across epochs has no ``batches_done``:
+    resuming from it stops with an error naming the rank's file and what is missing, not a bare KeyError."""
+    from loravl.config import DataConfig
+    from loravl.data import build_dataloader, build_dataset, ensure_demo_data
+
+    root = ensure_demo_data(tmp_path / "demo", train_size=8, val_size=4, image_size=32, seed=0)
+    data_cfg = DataConfig(format="jsonl", train_path=str(root / "train" / "captions.jsonl"))
+    loader = build_dataloader(build_dataset(data_cfg, "train", 32), data_cfg, 2, train=True, seed=0, num_workers=0)
+    next(iter(loader))
+    cfg = RunConfig(model=tiny_model_config)
+    model = _trained_looking_model(cfg.model, tiny_tokenizer)
+    checkpointer = Checkpointer(tmp_path / "ckpt", keep_last=2, rank=0, world_size=1)
+    folder = checkpointer.save(1, ModelWeights(model), shared={}, per_rank={"loader": loader},
+                               train_state=TrainState(step=1, step_in_epoch=1), cfg=cfg, tokenizer=model.tokenizer)
+    rank_file = folder / "rank_0.pt"
+    state = torch.load(rank_file, weights_only=True)
+    del state["loader"]["batches_done"]
+    torch.save(state, rank_file)
+    with pytest.raises(ValueError, match=r"rank_0\.pt: its 'loader' state cannot be restored: .*batches_done"):
+        checkpointer.load(folder, ModelWeights(model), {}, {"loader": loader}, TrainState())
+
+
 def test_background_save_writes_the_state_of_the_moment_it_was_called(tmp_path, tiny_model_config, tiny_tokenizer,
                                                                        monkeypatch):
     """``background``: save() returns while the checkpoint is still being written (``latest`` not there yet), the

@@ -403,7 +403,10 @@ class Checkpointer:
             raise FileNotFoundError(f"{rank_file} missing: resume with the world size the checkpoint was saved with")
         rank_state = torch.load(rank_file, weights_only=True, map_location="cpu")
         for name, piece in per_rank.items():
-            piece.load_state_dict(rank_state[name])
+            try:
+                piece.load_state_dict(rank_state[name])
+            except (KeyError, ValueError) as e:
+                raise ValueError(f"{rank_file}: its {name!r} state cannot be restored: {e}") from e
         train_state.load_state_dict(json.loads((folder / TRAIN_STATE_FILE).read_text()))
         return folder
 

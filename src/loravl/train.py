@@ -760,7 +760,8 @@ class MetricsLogger:
     SCALARS = (*LOSS_NAMES, "grad_norm")
     READ_BACK_LAG = 2  # steps between a read-back's start and its writing
     # A hint, once a run, when this many log lines in a row waited this share of their interval or more for data:
-    # an epoch's start waits for a line or two (13-19% on an H200), a loader-bound run every line (23-54%).
+    # an epoch's start waited for a line or two (13-19% on an H200 before the train loader ran on across epochs,
+    # 2-3% since), a loader-bound run every line (23-54%).
     LOADER_BOUND_LINES, LOADER_BOUND_WAIT = 3, 0.2
 
     def __init__(self, log_dir: Path, env: DistributedEnv, total_steps: int, tc: TrainConfig, start_step: int,
@@ -797,7 +798,7 @@ class MetricsLogger:
         step = state.step
         if step % self.tc.log_every == 0 or step % self.tc.max_bad_steps == 0 or step >= self.total_steps:
             self._start_read_back()
-        self._write_landed(up_to_step=state.step - self.READ_BACK_LAG)
+        self._write_landed(up_to_step=step - self.READ_BACK_LAG)
 
     def flush(self) -> None:
         """Write out every step recorded so far (waits for the GPU)."""

@@ -168,7 +168,8 @@ class CaptionLoader:
         batches = self._running
         if not self.continuous:
             self._running = None
-        while self.batch_sampler is None or self._batches_done < len(self):
+        per_epoch = len(self) if self.batch_sampler is not None else None  # streaming: until the iterator ends
+        while per_epoch is None or self._batches_done < per_epoch:
             batch = next(batches, None)
             if batch is None:
                 break
