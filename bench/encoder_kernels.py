@@ -8,8 +8,8 @@ against an alternative, by the device time of their kernels (profiler), bf16, ba
   runs), against one [tokens, 768] x [768, 2304] product with the three weights stacked;
 - self-attention over 257 tokens (CLS + 256 patches) with SDPA's cuDNN kernel, against 256 tokens for reference
   (a tile boundary: 257 is one token past it), the same split into the CLS query and the 256 patch queries
-  (both over all 257 keys), 257 queries over the 256 patch keys, ``loravl.attention.prefix_split_attention``
-  (the CLS key kept out of the fused kernel; what the encoder runs while frozen), eager and compiled, and
+  (both over all 257 keys), 257 queries over the 256 patch keys, ``prefix_split.prefix_split_attention``
+  (the CLS key kept out of the fused kernel; the frozen encoder's from the ninth to the fourteenth session), eager and compiled, and
   ``split_patch_queries`` below (the CLS query kept out too), compiled; flash's kernel for reference.
 Each alternative's output is compared with the original's (largest difference, relative to the largest value).
 """
@@ -27,7 +27,7 @@ from torch.nn.attention import SDPBackend, sdpa_kernel
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "src"))
 import sdpa_backends  # noqa: E402  (this folder: the script's own)
 from sdpa_backends import rel_diff  # noqa: E402
-from loravl.attention import prefix_split_attention  # noqa: E402
+from prefix_split import prefix_split_attention  # noqa: E402  (this folder)
 
 
 KERNEL_TABLES: dict[str, str] = {}

@@ -128,15 +128,17 @@ def build_model(args, cfg: ModelConfig, tokenizer, device, compile_encoder: bool
                 compile_model: bool = False, model_mode: str = "default",
                 encoder_mode: str = "default", model_scope: str = "modules",
                 frozen_dtype: Optional[torch.dtype] = None,
-                prefix_split: bool = True) -> VisionLanguageModel:
+                prefix_split: bool = False) -> VisionLanguageModel:
     """``*_mode``: torch.compile's mode for the model (``model_scope``: its heavy submodules, or the whole training
     forward) and for the encoder alone. ``frozen_dtype``: store the frozen encoder weights in it, as the trainer
-    does under bf16 on a GPU. ``prefix_split=False``: the encoder's attention as transformers' SDPA, one kernel
-    over all tokens (before 2026-12-01's ninth session; loravl.vision.sdpa_prefix_split_attention)."""
+    does under bf16 on a GPU. ``prefix_split``: the encoder's attention with CLS kept out of the fused kernel
+    (bench/prefix_split.py; the package's from 2026-12-01's ninth session to 2026-12-02's fourteenth)."""
     torch.manual_seed(0)
     model = VisionLanguageModel(cfg, tokenizer).to(device).train()
-    if not prefix_split and cfg.vision.attn_implementation == "sdpa":
-        model.vision.model.base_model.model.set_attn_implementation("sdpa")
+    if prefix_split and cfg.vision.attn_implementation == "sdpa":
+        from prefix_split import use_prefix_split
+
+        use_prefix_split(model.vision.model.base_model.model)
     if frozen_dtype is not None:
         model.vision.store_frozen_weights(frozen_dtype)
     if compile_model:
@@ -392,10 +394,10 @@ def bench_steps(timer, device, args, tokenizer, dinov2_dir, matmul_tflops) -> li
              # 2026-12-01's fourth session; every other bf16 variant stores them in bf16, as the trainer now does).
              "forward_ro_fp32_frozen": (f"{fast} compiled forward, CUDA graphs, fp32 frozen weights", "sdpa", bf16,
                                         False, True, ro, ro, "forward"),
-             # The encoder's attention as one SDPA kernel over all 257 tokens (before 2026-12-01's ninth session;
-             # every other sdpa variant keeps CLS out of the fused kernel while the encoder is frozen).
-             "forward_ro_one_kernel_attention": (f"{fast} compiled forward, CUDA graphs, one-kernel encoder attention",
-                                                 "sdpa", bf16, False, True, ro, ro, "forward"),
+             # The frozen encoder's attention with CLS kept out of the fused kernel (bench/prefix_split.py); every
+             # other sdpa variant runs one SDPA kernel over all 257 tokens, as the trainer does.
+             "forward_ro_prefix_split": (f"{fast} compiled forward, CUDA graphs, prefix split attention", "sdpa",
+                                         bf16, False, True, ro, ro, "forward"),
              # max-autotune: GEMMs autotuned against Triton templates (which can fuse their epilogues, the GELU
              # after fc1 say), CUDA graphs too; compiles for much longer.
              "forward_ma": (f"{fast} compiled forward, max-autotune", "sdpa", bf16, False, True, "max-autotune",
@@ -424,7 +426,7 @@ def bench_steps(timer, device, args, tokenizer, dinov2_dir, matmul_tflops) -> li
                                    label, attn, dtype, compile_encoder, compile_model, model_mode, encoder_mode, scope,
                                    profile=name in profiled, grad_buffers=name.endswith("_buffers"),
                                    frozen_dtype=None if name.endswith("_fp32_frozen") else dtype,
-                                   prefix_split=not name.endswith("_one_kernel_attention"))
+                                   prefix_split=name.endswith("_prefix_split"))
         except Exception as e:  # one failing variant must not lose the others' figures
             rows.append({"name": f"step {label} FAILED", "error": f"{type(e).__name__}: {str(e)[:400]}"})
         for row in rows[before:]:
@@ -439,7 +441,7 @@ INDUCTOR_VARIANTS = {"forward_ro_combo_kernels": {"combo_kernels": True},
 
 def bench_step_variant(timer, device, args, tokenizer, dinov2_dir, matmul_tflops, step_flops, rows, label, attn,
                        dtype, compile_encoder, compile_model, model_mode, encoder_mode, scope, profile,
-                       grad_buffers=False, frozen_dtype=None, prefix_split=True) -> None:
+                       grad_buffers=False, frozen_dtype=None, prefix_split=False) -> None:
     model = build_model(args, model_config(args, dinov2_dir, attn), tokenizer, device,
                         compile_encoder=compile_encoder, compile_model=compile_model, model_mode=model_mode,
                         encoder_mode=encoder_mode, model_scope=scope, frozen_dtype=frozen_dtype,

@@ -6,8 +6,8 @@ from transformers import AutoModel, Dinov2Config, Dinov2Model, Dinov2WithRegiste
 
 from loravl.compressor import TokenCompressor
 from loravl.config import CompressorConfig, ConfigError, LoraConfig, VisionConfig
-from loravl.vision import (VISION_ATTENTION, GeluMLP, PatchProjection, VisionEncoder, normalize_pixels,
-                           num_image_tokens, prefix_split_suits_this_gpu, resolve_target_modules)
+from loravl.vision import (GeluMLP, PatchProjection, VisionEncoder, normalize_pixels,
+                           num_image_tokens, resolve_target_modules)
 
 from conftest import tiny_dinov2_config
 
@@ -323,26 +323,6 @@ def test_not_a_dinov2_checkpoint_fails_clearly(tmp_path):
         VisionEncoder(VisionConfig(pretrained=str(tmp_path)))
 
 
-def test_loravls_vision_attention_is_transformers_sdpa_where_the_split_does_not_apply(tmp_path):
-    # 224 px: 256 patch tokens, whole kernel tiles, the shape the prefix split is for. The split runs on sm90 GPUs
-    # only (tests/test_attention.py checks its merge). A backbone built there and run on the CPU must still be
-    # transformers' SDPA exactly.
-    torch.manual_seed(0)
-    Dinov2Model(tiny_dinov2_config(image_size=224)).save_pretrained(tmp_path)
-    encoder = VisionEncoder(VisionConfig(pretrained=str(tmp_path), image_size=224))
-    backbone = encoder.model.base_model.model
-    expected = VISION_ATTENTION if prefix_split_suits_this_gpu() else "sdpa"
-    assert backbone.config._attn_implementation == expected
-    pixels = torch.randint(0, 256, (2, 3, 224, 224), dtype=torch.uint8)
-    with torch.no_grad():
-        backbone.set_attn_implementation("sdpa")
-        sdpa = encoder(pixels)
-        backbone.set_attn_implementation(VISION_ATTENTION)
-        assert torch.equal(encoder(pixels), sdpa)
-    eager = VisionEncoder(VisionConfig(pretrained=str(tmp_path), image_size=224, attn_implementation="eager"))
-    assert eager.model.base_model.model.config._attn_implementation == "eager"
-
-
 def test_registers_variant_and_compressor_width_follow_the_encoder(tmp_path):
     cfg = Dinov2WithRegistersConfig(hidden_size=48, num_hidden_layers=1, num_attention_heads=2, intermediate_size=96,
                                     image_size=28, patch_size=14, num_register_tokens=4)
@@ -358,7 +338,6 @@ def test_registers_variant_and_compressor_width_follow_the_encoder(tmp_path):
 def test_random_init_gets_position_embeddings_as_strong_as_the_patch_signal(tmp_path):
     # A random DINOv2 draws positions at std 0.02 (~5% of the patch signal): nothing downstream could learn
     # "left of". random_init replaces them with fixed 2-D sin-cos embeddings at the patch projection's scale.
-    from transformers import Dinov2Model
     Dinov2Model(tiny_dinov2_config(image_size=56)).save_pretrained(tmp_path)
     encoder = VisionEncoder(VisionConfig(pretrained=str(tmp_path), random_init=True, image_size=56))
     embeddings = encoder.model.base_model.model.embeddings

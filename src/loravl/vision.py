@@ -15,10 +15,8 @@ import torch.nn.functional as F
 from peft import LoraConfig as PeftLoraConfig
 from peft import get_peft_model
 from torch import nn
-from transformers import AttentionInterface, AutoConfig, AutoModel
-from transformers.integrations.sdpa_attention import sdpa_attention_forward
+from transformers import AutoConfig, AutoModel
 
-from .attention import prefix_split_attention
 from .config import ConfigError, LoraConfig, VisionConfig
 from .data.images import IMAGENET_MEAN, IMAGENET_STD
 
@@ -125,48 +123,6 @@ def injection_summary(model: nn.Module, lora: LoraConfig) -> InjectionSummary:
     return InjectionSummary(adapted, kinds, lora.rank, lora.alpha, lora_params, total)
 
 
-# DINOv2's attention with model.vision.attn_implementation "sdpa" on an sm90 GPU: transformers' SDPA, except where
-# the prefix tokens can be kept apart (sdpa_prefix_split_attention).
-VISION_ATTENTION = "loravl_vision_sdpa"
-PATCH_TILE = 128  # the fused attention kernels' row tile: the split pays where the patch tokens fill whole tiles
-
-
-def sdpa_prefix_split_attention(module: nn.Module, query: torch.Tensor, key: torch.Tensor, value: torch.Tensor,
-                                attention_mask: torch.Tensor | None, dropout: float = 0.0,
-                                scaling: float | None = None, **kwargs):
-    """transformers' SDPA attention for DINOv2, except that with no gradient, mask or dropout (a frozen encoder:
-    phase 1, evaluation, captioning) and patch tokens that fill whole kernel tiles (256 at 224 px), the CLS and
-    register keys are kept out of the fused kernel (``loravl.attention.prefix_split_attention``). At 224 px,
-    batch 128, a layer's attention took 0.148-0.157 ms against 0.168 in one kernel, and the phase-1 step
-    25.40-25.69 ms against 25.65-25.81 (H200, two hosts, BENCHMARKS.md); other sizes that fill whole tiles
-    (448 px: 1,024 patches) were not timed. On a GPU in half precision only: cuDNN (what SDPA takes there) runs
-    no fp32, and on the CPU a split (with the CPU's fused kernel) took 20% longer than SDPA's one kernel
-    (dinov2-base's shapes at batch 8, dev box). With a gradient (phase 2) cuDNN's backward takes no log-sum-exp
-    gradient, so SDPA runs it whole."""
-    num_prefix = 1 + getattr(module.config, "num_register_tokens", 0)
-    num_patches = query.shape[-2] - num_prefix
-    if (not torch.is_grad_enabled() and attention_mask is None and dropout == 0.0 and num_patches > 0
-            and num_patches % PATCH_TILE == 0 and key.shape[-2] == query.shape[-2]
-            and query.is_cuda and query.dtype in (torch.bfloat16, torch.float16)):
-        scale = scaling if scaling is not None else query.shape[-1] ** -0.5
-        out = prefix_split_attention(query, key, value, scale, num_prefix)
-        return out.transpose(1, 2).contiguous(), None  # [B, L, H, D], as transformers' SDPA returns it
-    return sdpa_attention_forward(module, query, key, value, attention_mask, dropout=dropout, scaling=scaling,
-                                  **kwargs)
-
-
-AttentionInterface.register(VISION_ATTENTION, sdpa_prefix_split_attention)
-
-
-def prefix_split_suits_this_gpu() -> bool:
-    """Whether this machine's GPU takes the prefix split: sm90 (H100, H200), where it was measured and where SDPA
-    itself prefers cuDNN's kernel, with cuDNN's attention not switched off. Asked once, on the host, when the
-    backbone is built: cuDNN's attention does not run on older GPUs (V100, T4), and neither the capability nor
-    the switch can be read inside a compiled graph."""
-    return (torch.cuda.is_available() and torch.cuda.get_device_capability() == (9, 0)
-            and torch.backends.cuda.cudnn_sdp_enabled())
-
-
 def load_dinov2(cfg: VisionConfig) -> nn.Module:
     """DINOv2 from a hub name or local folder; with ``random_init`` only its config is read."""
     try:
@@ -183,8 +139,6 @@ def load_dinov2(cfg: VisionConfig) -> nn.Module:
         set_sincos_position_embeddings(model.embeddings)
     else:
         model = AutoModel.from_pretrained(cfg.pretrained, attn_implementation=cfg.attn_implementation)
-    if cfg.attn_implementation == "sdpa" and prefix_split_suits_this_gpu():
-        model.set_attn_implementation(VISION_ATTENTION)
     patches = model.embeddings.patch_embeddings
     patches.projection = PatchProjection.from_conv(patches.projection)
     if getattr(model.config, "hidden_act", None) == "gelu":  # not the SwiGLU variants
