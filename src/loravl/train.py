@@ -773,8 +773,11 @@ class MetricsLogger:
         self.bad_streak = 0
         self.interval_sums: Counter = Counter()  # TensorBoard's means over the current log interval
         self.interval_steps = 0
-        self.last_time, self.last_step, self.images = time.perf_counter(), start_step, 0
-        self.data_wait_s = 0.0  # the host's wait for batches since the last log line
+        self.last_step, self.images = start_step, 0
+        self.data_wait_s = 0.0  # the host's wait for batches since the last log step
+        # Each log interval's (seconds, data wait seconds, steps), taken when its last step is recorded: its line is
+        # written READ_BACK_LAG steps later, and those steps' time and waits belong to the next line.
+        self.interval_marks: dict[int, tuple[float, float, int]] = {}
         self.recent_data_waits: list[float] = []  # the last log lines' data wait shares
         self.hint_when_loader_bound, self.told_loader_bound = hint_when_loader_bound, False
         self.writer = self.jsonl = self.progress = None
@@ -787,6 +790,7 @@ class MetricsLogger:
                 from tqdm import tqdm
 
                 self.progress = tqdm(total=total_steps, initial=start_step, dynamic_ncols=True)
+        self.last_time = time.perf_counter()  # after the writers' setup: the first line times steps only
 
     @record_function("loravl: metrics")
     def record(self, state: TrainState, step_metrics: dict[str, Any], lrs: list[float]) -> None:
@@ -796,7 +800,12 @@ class MetricsLogger:
         # A read-back ends at every log step (its line is written with the last step read back) and every
         # max_bad_steps steps (the non-finite check).
         step = state.step
-        if step % self.tc.log_every == 0 or step % self.tc.max_bad_steps == 0 or step >= self.total_steps:
+        log_step = step % self.tc.log_every == 0 or step >= self.total_steps
+        if log_step:
+            now = time.perf_counter()
+            self.interval_marks[step] = (now - self.last_time, self.data_wait_s, step - self.last_step)
+            self.last_time, self.last_step, self.data_wait_s = now, step, 0.0
+        if log_step or step % self.tc.max_bad_steps == 0:
             self._start_read_back()
         self._write_landed(up_to_step=step - self.READ_BACK_LAG)
 
@@ -872,12 +881,11 @@ class MetricsLogger:
             self.data_wait_s += time.perf_counter() - started
 
     def _log_line(self, step: int, epoch: int, row: list[float], lrs: list[float]) -> None:
-        now = time.perf_counter()
-        elapsed, steps = now - self.last_time, step - self.last_step
+        elapsed, data_wait_s, steps = self.interval_marks.pop(step)
         images_per_s = self.images / elapsed if elapsed > 0 else 0.0
-        data_wait = min(1.0, self.data_wait_s / elapsed) if elapsed > 0 else 0.0
+        data_wait = min(1.0, data_wait_s / elapsed) if elapsed > 0 else 0.0
         eta = (self.total_steps - step) * elapsed / max(steps, 1)
-        self.last_time, self.last_step, self.images, self.data_wait_s = now, step, 0, 0.0
+        self.images = 0
         losses = " ".join(f"{n} {v:.4f}" for n, v in zip(LOSS_NAMES, row))
         memory = ""
         if self.env.device.type == "cuda":
