@@ -134,6 +134,8 @@ def load_dinov2(cfg: VisionConfig) -> nn.Module:
             f"model.vision.pretrained: {cfg.pretrained!r} is a {hf_config.model_type!r} model; "
             f"expected one of {DINOV2_MODEL_TYPES}"
         )
+    # SDPA runs the attention as one kernel over all tokens. Keeping CLS out of cuDNN's kernel (bench/prefix_split.py)
+    # saved 1% where inductor tuned its merge well and lost 8% where the trainer's compile did not (BENCHMARKS.md).
     if cfg.random_init:
         model = AutoModel.from_config(hf_config, attn_implementation=cfg.attn_implementation)
         set_sincos_position_embeddings(model.embeddings)
