@@ -9,8 +9,9 @@ against an alternative, by the device time of their kernels (profiler), bf16, ba
 - self-attention over 257 tokens (CLS + 256 patches) with SDPA's cuDNN kernel, against 256 tokens for reference
   (a tile boundary: 257 is one token past it), the same split into the CLS query and the 256 patch queries
   (both over all 257 keys), 257 queries over the 256 patch keys, ``prefix_split.prefix_split_attention``
-  (the CLS key kept out of the fused kernel; the frozen encoder's from the ninth to the fourteenth session), eager and compiled, and
-  ``split_patch_queries`` below (the CLS query kept out too), compiled; flash's kernel for reference.
+  (the CLS key kept out of the fused kernel; the frozen encoder's from the ninth to the fourteenth session),
+  eager and compiled, and ``split_patch_queries`` below (the CLS query kept out too), compiled; flash's kernel
+  for reference.
 Each alternative's output is compared with the original's (largest difference, relative to the largest value).
 """
 from __future__ import annotations
