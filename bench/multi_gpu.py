@@ -2,6 +2,7 @@
 
     python3 bench/multi_gpu.py --gpus 1,2 --out /tmp/multi            # nvidia-h200-x2
     python3 bench/multi_gpu.py --gpus 1,2,8 --num_jpegs 50000 ...     # nvidia-h200-x8 (issue 8)
+    python3 bench/multi_gpu.py --gpus 1 --one_gpu_ddp ...             # one GPU: the trainer with and without DDP
 
 For each GPU count it launches ``torchrun --nproc_per_node=N src/train_stage1_vision_language.py`` on synthetic
 640x480 JPEGs written to local disk (the stage-1 recipe with dinov2-base, random weights, batch 128 per GPU,
@@ -9,6 +10,13 @@ compiled), switching LoRA on after ``--lora_warmup_steps`` steps, and reads imag
 all ranks; the first log intervals, which hold compilation, are left out). Then, at the largest count, it kills
 the run right after a checkpoint with SIGKILL, runs ``--resume latest`` and checks that training continues from
 that step. Prints a table and writes ``results.json`` under ``--out``.
+
+``--one_gpu_ddp`` adds a run of one process under DDP (``train.use_ddp``): what each rank of a multi-GPU run
+executes (gradient buckets and their all-reduce, the compiled graph split at the buckets), without a second GPU.
+Its ratio to the plain one-GPU run is the part of the scaling efficiency DDP's own work costs; the traffic
+between GPUs is not in it. Each run compiles into an inductor cache of its own (``inductor_cache`` in its folder),
+so that its compile times (from the log: a phase's first line to its first step line) are a fresh compile's, and
+``bench/inductor_kernel_configs.py`` can compare what two runs tuned.
 
 Each interval's data wait (the share of it rank 0 waited for its loader) says who set the pace: near 0 while the
 prefetch queue that the workers filled during compilation lasts, well above 0 where decoding did. Read scaling
@@ -22,11 +30,13 @@ import json
 import os
 import re
 import shlex
+import shutil
 import signal
 import statistics
 import subprocess
 import sys
 import time
+from datetime import datetime
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -74,18 +84,38 @@ def median_data_wait(log: Path, first_step: int, last_step: int) -> float | None
     return statistics.median(waits) if waits else None
 
 
-def run(n: int, args, manifest: Path) -> dict:
-    run_dir = Path(args.out) / f"gpus{n}"
-    cmd = trainer_command(n, args, run_dir, manifest, ["--train.save_every", str(args.save_every or args.steps)])
+def compile_seconds(text: str) -> dict[str, float]:
+    """Per phase, seconds from its "Phase N" line to its first step line: mostly compilation (log stamps are whole
+    seconds, and the first log_every steps run inside it)."""
+    stamp = r"(\d{4}-\d\d-\d\d \d\d:\d\d:\d\d) "
+    starts = {m.group(2): m.group(1) for m in re.finditer(stamp + r"Phase (\d): LoRA adapters", text)}
+    out = {}
+    for phase, start in starts.items():
+        after = text[text.index(f"{start} Phase {phase}:"):]
+        first = re.search(stamp + r"epoch \d+ \| step \d+/", after)
+        if first:
+            seconds = (datetime.fromisoformat(first.group(1)) - datetime.fromisoformat(start)).total_seconds()
+            out[f"phase{phase}_compile_s"] = seconds
+    return out
+
+
+def run(n: int, args, manifest: Path, ddp: bool = False) -> dict:
+    run_dir = Path(args.out) / (f"gpus{n}_ddp" if ddp else f"gpus{n}")
+    extra = ["--train.save_every", str(args.save_every or args.steps), *(["--train.use_ddp", "true"] if ddp else [])]
+    cmd = trainer_command(n, args, run_dir, manifest, extra)
+    cache = run_dir / "inductor_cache"
+    shutil.rmtree(cache, ignore_errors=True)  # a fresh compile: no kernels or tuning results from an earlier run
     t0 = time.time()
-    proc = subprocess.run(cmd, env=ENV, capture_output=True, text=True, timeout=args.timeout)
+    proc = subprocess.run(cmd, env={**ENV, "TORCHINDUCTOR_CACHE_DIR": str(cache)}, capture_output=True, text=True,
+                          timeout=args.timeout)
     (run_dir / "stdout.txt").write_text(proc.stdout + proc.stderr)
     log = run_dir / "logs/training.log"
     text = log.read_text() if log.exists() else ""
     # Leave out the intervals that hold compilation: the first two of each phase.
     skip = 2 * args.log_every
     result = {
-        "gpus": n, "returncode": proc.returncode, "wall_s": round(time.time() - t0, 1),
+        "gpus": n, "ddp": ddp or n > 1, "returncode": proc.returncode, "wall_s": round(time.time() - t0, 1),
+        **compile_seconds(text),
         "phase1_images_per_s": images_per_second(log, skip, args.lora_warmup_steps) if text else None,
         "phase2_images_per_s": images_per_second(log, args.lora_warmup_steps + skip, args.steps) if text else None,
         "phase1_data_wait_percent": median_data_wait(log, skip, args.lora_warmup_steps) if text else None,
@@ -175,6 +205,9 @@ def main() -> None:
     p.add_argument("--timeout", type=int, default=900)
     p.add_argument("--save_every", type=int, default=0, help="checkpoint interval of the timing runs (default: "
                    "at the end only; an epoch end saves too)")
+    p.add_argument("--one_gpu_ddp", action="store_true",
+                   help="after the 1-GPU run, one process under DDP (train.use_ddp): DDP's own cost, without a "
+                        "second GPU")
     p.add_argument("--skip_resume", action="store_true")
     p.add_argument("--resume_only", action="store_true", help="only the kill-and-resume check, no timing runs")
     p.add_argument("--extra", default="", help="more trainer overrides, e.g. a tiny model for a CPU smoke test")
@@ -190,8 +223,10 @@ def main() -> None:
     print(f"{args.num_jpegs} JPEGs ready in {time.time() - t0:.0f}s", flush=True)
 
     results = {"runs": [], "args": vars(args)}
-    for n in [] if args.resume_only else [int(x) for x in args.gpus.split(",")]:
-        r = run(n, args, jpegs / "manifest.jsonl")
+    counts = [] if args.resume_only else [int(x) for x in args.gpus.split(",")]
+    runs = [(n, ddp) for n in counts for ddp in ((False, True) if n == 1 and args.one_gpu_ddp else (False,))]
+    for n, ddp in runs:
+        r = run(n, args, jpegs / "manifest.jsonl", ddp)
         print(json.dumps(r), flush=True)
         results["runs"].append(r)
         (out / "results.json").write_text(json.dumps(results, indent=2))
@@ -206,11 +241,16 @@ def main() -> None:
         print(json.dumps(results["resume"]), flush=True)
     (out / "results.json").write_text(json.dumps(results, indent=2))
 
+    def label(r: dict) -> str:
+        return f"{r['gpus']}{' DDP' if r['ddp'] and r['gpus'] == 1 else ''}"
+
     for r in results["runs"]:  # a loader-bound stretch shows as data wait well above 0
-        print(f"{r['gpus']} GPU(s), step: img/s (data wait %): " + ", ".join(
+        print(f"{label(r)} GPU(s), step: img/s (data wait %): " + ", ".join(
             f"{i['step']}: {i['images_per_s']:.0f} ({i['data_wait_percent']})" for i in r["intervals"]))
-    print(f"\n{'GPUs':>4} {'phase 1 img/s':>14} {'per GPU':>8} {'eff.':>6} {'wait':>5} {'phase 2 img/s':>14} "
-          f"{'per GPU':>8} {'eff.':>6} {'wait':>5}")
+    # eff.: against the plain 1-GPU run (for "1 DDP", what DDP's own work leaves of it); compile: seconds from
+    # the phase's first log line to its first step line
+    print(f"\n{'GPUs':>5} {'phase 1 img/s':>14} {'per GPU':>8} {'eff.':>6} {'wait':>5} {'phase 2 img/s':>14} "
+          f"{'per GPU':>8} {'eff.':>6} {'wait':>5} {'compile 1':>9} {'compile 2':>9}")
     for r in results["runs"]:
         def fmt(phase):
             v, e, w = (r.get(f"{phase}_images_per_s"), r.get(f"{phase}_scaling_efficiency"),
@@ -218,7 +258,9 @@ def main() -> None:
             wait = f"{w:>4.0f}%" if w is not None else f"{'-':>5}"
             return (f"{v:>14.0f} {v / r['gpus']:>8.0f} {e * 100 if e else float('nan'):>5.1f}% {wait}" if v
                     else f"{'-':>14} {'-':>8} {'-':>6} {'-':>5}")
-        print(f"{r['gpus']:>4} {fmt('phase1')} {fmt('phase2')}")
+        compiles = " ".join(f"{r[k]:>8.0f}s" if k in r else f"{'-':>9}" for k in ("phase1_compile_s",
+                                                                                 "phase2_compile_s"))
+        print(f"{label(r):>5} {fmt('phase1')} {fmt('phase2')} {compiles}")
 
 
 if __name__ == "__main__":

@@ -177,6 +177,40 @@ def test_exact_resume_recreate_two_ranks(tmp_path, data_root):
     assert len(read_steps(reference)) == 6 and read_steps(reference)[3]["phase"] == 2
 
 
+def test_ddp_over_one_process_trains_as_one_process_does(tmp_path, data_root):
+    """train.use_ddp on one process: the model trains under DDP (a one-process group), through its re-wrap at the
+    phase switch and no_sync over 2 micro-batches, and every step's losses equal the plain process's."""
+    common = ("--train.epochs", "2", "--train.grad_accum_steps", "2")  # 2 steps per epoch; phase 2 from step 3
+    plain, ddp = tmp_path / "plain", tmp_path / "ddp"
+    run(run_args(plain, data_root, 16, *common))
+    run(run_args(ddp, data_root, 16, *common, "--train.use_ddp", "True"))
+    assert "Run: 1 process(es) on cpu, precision fp32, DDP over one process (train.use_ddp)" in log_text(ddp)
+    assert "DDP over one process" not in log_text(plain)
+    steps = read_steps(ddp)
+    assert len(steps) == 4 and steps[3]["phase"] == 2
+    assert losses(steps) == losses(read_steps(plain))  # one rank's all-reduce averages over 1: exact
+
+
+def test_use_ddp_wraps_one_process_in_ddp(tiny_model_config, tiny_tokenizer):
+    import torch.distributed as dist
+    from torch.nn.parallel import DistributedDataParallel as DDP
+
+    from loravl.config import TrainConfig
+    from loravl.model import VisionLanguageModel
+    from loravl.train import init_distributed, wrap_model
+
+    model = VisionLanguageModel(tiny_model_config, tiny_tokenizer)
+    env = init_distributed(TrainConfig(cpu=True))
+    assert not env.ddp and not dist.is_initialized() and wrap_model(model, env) is model
+    env = init_distributed(TrainConfig(cpu=True, use_ddp=True))
+    try:
+        assert env.ddp and env.world_size == 1 and dist.get_world_size() == 1
+        wrapped = wrap_model(model, env)
+        assert isinstance(wrapped, DDP) and wrapped.module is model
+    finally:
+        dist.destroy_process_group()
+
+
 # Crashes and signals
 
 

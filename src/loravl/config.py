@@ -290,7 +290,9 @@ class TrainConfig:
     merge_lora_on_export: bool = False
     # latest | a checkpoint folder | empty
     resume: str = ""
-    # Flags from the original scripts; checked against the launched world size.
+    # Flags from the original scripts; num_gpus is checked against the launched world size. Several processes
+    # always train under DDP; use_ddp: true wraps a single process in DDP too (a one-process group), to check or
+    # time on one GPU what each rank of a multi-GPU run executes.
     use_ddp: bool = False
     num_gpus: Optional[int] = None
     cpu: bool = False

@@ -61,7 +61,8 @@ def _train(cfg: RunConfig, env: "DistributedEnv") -> VisionLanguageModel:
     tc = cfg.train
     setup_logging(Path(tc.log_dir), env.rank)
     precision = choose_precision(tc.mixed_precision, env.device)
-    logger.info("Run: %d process(es) on %s, precision %s", env.world_size, env.device, precision.name)
+    logger.info("Run: %d process(es) on %s, precision %s%s", env.world_size, env.device, precision.name,
+                ", DDP over one process (train.use_ddp)" if env.ddp and env.world_size == 1 else "")
     checkpointer = Checkpointer(tc.checkpoint_dir, tc.keep_last, env.rank, env.world_size,
                                 background=tc.checkpoint_in_background)
     resume_from = find_resume_checkpoint(tc)
@@ -428,6 +429,8 @@ class DistributedEnv:
     local_rank: int
     world_size: int
     device: torch.device
+    # The model is wrapped in DDP: always with several processes; with one only where train.use_ddp asks
+    ddp: bool = False
 
 
 def init_distributed(tc: TrainConfig) -> DistributedEnv:
@@ -443,18 +446,22 @@ def init_distributed(tc: TrainConfig) -> DistributedEnv:
     device = torch.device("cuda", local_rank) if use_cuda else torch.device("cpu")
     if use_cuda:
         torch.cuda.set_device(device)
-    if world_size > 1 and not dist.is_initialized():
-        if use_cuda:
-            dist.init_process_group("nccl", device_id=device)
+    ddp = world_size > 1 or tc.use_ddp
+    if ddp and not dist.is_initialized():
+        backend = "nccl" if use_cuda else "gloo"
+        if world_size > 1:
+            dist.init_process_group(backend, device_id=device if use_cuda else None)
         else:
-            dist.init_process_group("gloo")
-    if tc.use_ddp and world_size == 1:
-        logging.getLogger("loravl").warning("train.use_ddp is set but one process was launched: no DDP")
-    return DistributedEnv(rank, local_rank, world_size, device)
+            # DDP over one process (train.use_ddp): what each rank of a multi-GPU run executes (the gradient
+            # buckets and their all-reduce, the compiled graph split at the buckets), to check or time on one
+            # GPU. An in-memory store: no rendezvous address needed, also without torchrun.
+            dist.init_process_group(backend, store=dist.HashStore(), rank=0, world_size=1,
+                                    device_id=device if use_cuda else None)
+    return DistributedEnv(rank, local_rank, world_size, device, ddp)
 
 
 def wrap_model(model: nn.Module, env: DistributedEnv) -> nn.Module:
-    if env.world_size == 1:
+    if not env.ddp:
         return model
     # broadcast_buffers=False: the ITC queue is identical on every rank by construction.
     return DDP(model, device_ids=[env.device.index] if env.device.type == "cuda" else None,
