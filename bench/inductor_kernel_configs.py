@@ -8,8 +8,10 @@ Inductor gives a reduction over a short row (the 64 of a head dim, say) several 
 times them when the compiled graph first runs; the winner goes to a ``.best_config`` file beside the kernel's
 source in the cache, and later compiles with that cache reuse it. For each matching kernel this prints its
 heuristic line (size hints, reduction hint) and the ``.best_config`` files in its folder (XBLOCK, num_warps).
-``--compare`` takes a second cache: a kernel's file name is the hash of its source, so the same kernel has the
-same relative path in both, and this prints every kernel whose chosen configuration differs between them.
+``--compare`` takes a second cache and prints every kernel whose chosen configuration differs between the two. A
+kernel's file is named by the hash of its source, and its ``.best_config`` by a hash of that name (and of the torch
+build), in the same folder: the same kernel has the same relative paths in both caches. Its name in a kernel's
+source carries its position in the graph (``..._64``), so only compiles of the same graph share many kernels.
 The kernel's time in a step is in a profiler trace (``train.profile_dir``, ``throughput.py --profile_dir``).
 """
 from __future__ import annotations
@@ -25,6 +27,13 @@ BOOKKEEPING = ("configs_hash", "triton_cache_hash", "found_by_coordesc", "time_t
 
 def kernel_names(source_path: str) -> list[str]:
     return [line[4:line.index("(")] for line in open(source_path).read().splitlines() if line.startswith("def triton_")]
+
+
+def folder_kernels(best_config_path: str) -> list[str]:
+    """The kernels whose sources share a ``.best_config``'s folder (usually one): its name is a hash that cannot be
+    traced back to its source here. A graph's module, which holds every kernel's source, is left out."""
+    names = [kernel_names(path) for path in sorted(glob.glob(os.path.join(os.path.dirname(best_config_path), "*.py")))]
+    return [n[0] for n in names if len(n) == 1]
 
 
 def best_configs(cache_dir: str) -> dict[str, dict]:
@@ -44,9 +53,8 @@ def compare(cache_a: str, cache_b: str) -> None:
     print(f"{len(a)} tuned kernels in {cache_a}, {len(b)} in {cache_b}, {len(shared)} in both, "
           f"{len(differ)} chosen differently")
     for rel in differ:
-        source = os.path.join(cache_a, rel[: -len(".best_config")] + ".py")
-        names = kernel_names(source) if os.path.exists(source) else ["(source not found)"]
-        print(f"  {','.join(names)[:110]}\n     {cache_a}: {a[rel]}\n     {cache_b}: {b[rel]}")
+        names = folder_kernels(os.path.join(cache_a, rel)) or ["(no kernel source in its folder)"]
+        print(f"  {rel}: {' or '.join(names)[:110]}\n     {cache_a}: {a[rel]}\n     {cache_b}: {b[rel]}")
 
 
 def show(cache_dir: str, name_contains: str) -> None:
