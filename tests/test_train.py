@@ -211,6 +211,55 @@ def test_use_ddp_wraps_one_process_in_ddp(tiny_model_config, tiny_tokenizer):
         dist.destroy_process_group()
 
 
+@pytest.mark.parametrize("split", [True, False])
+def test_compiled_forward_under_ddp_splits_at_buckets_only_where_asked(tiny_model_config, tiny_tokenizer, split):
+    """The compiled training forward under DDP (one process), with dynamo's optimize_ddp as the trainer sets it
+    from train.ddp_split_compiled_graph: split at DDP's gradient buckets or one graph; either way eager's loss and
+    gradients. A wider text model (6 MB of gradients) fills several buckets of 1 MB, DDP's first bucket's size and
+    the smallest that dynamo's split takes."""
+    import dataclasses
+
+    import torch._dynamo
+    import torch.distributed as dist
+    from torch._dynamo.testing import CompileCounterWithBackend
+    from torch.nn.parallel import DistributedDataParallel as DDP
+
+    from conftest import tiny_batch
+    from loravl.model import VisionLanguageModel
+
+    cfg = dataclasses.replace(tiny_model_config,  # dropout off: compiled code draws its own random numbers
+                              text=dataclasses.replace(tiny_model_config.text, dropout=0.0, hidden_size=256),
+                              compressor=dataclasses.replace(tiny_model_config.compressor, dropout=0.0))
+    dist.init_process_group("gloo", store=dist.HashStore(), rank=0, world_size=1)
+    previous = torch._dynamo.config.optimize_ddp
+    try:
+        torch._dynamo.config.optimize_ddp = split
+        counter = CompileCounterWithBackend("aot_eager")
+        results = []
+        for compiled in (False, True):
+            torch._dynamo.reset()
+            torch.manual_seed(0)
+            model = VisionLanguageModel(cfg, tiny_tokenizer).train()
+            if compiled:
+                model.compile(scope="forward", backend=counter)
+            ddp = DDP(model, bucket_cap_mb=1, broadcast_buffers=False)
+            torch.manual_seed(1)  # the same hard-negative draws in both runs
+            out = ddp(**tiny_batch(tiny_tokenizer, 4))
+            out["loss"].backward()
+            results.append((out["loss"].detach(), {n: p.grad for n, p in model.named_parameters()
+                                                   if p.grad is not None}))
+    finally:
+        torch._dynamo.config.optimize_ddp = previous
+        torch._dynamo.reset()
+        dist.destroy_process_group()
+    assert (counter.frame_count > 1) if split else (counter.frame_count == 1), counter.frame_count
+    (eager_loss, eager_grads), (loss, grads) = results
+    torch.testing.assert_close(loss, eager_loss, atol=1e-5, rtol=1e-5)
+    assert grads.keys() == eager_grads.keys()
+    for name, grad in eager_grads.items():
+        torch.testing.assert_close(grads[name], grad, atol=1e-5, rtol=1e-4, msg=name)
+
+
 # Crashes and signals
 
 

@@ -269,6 +269,12 @@ class TrainConfig:
     # (each heavy submodule alone, the rest eager). forward measured 1.42x faster with LoRA frozen and 1.12x with
     # LoRA training on one H100 (BENCHMARKS.md, run 10); modules compiles smaller graphs.
     compile_scope: str = "forward"
+    # Under DDP with compile: true, split the compiled graph at DDP's gradient buckets (dynamo's optimize_ddp),
+    # so that a bucket's all-reduce starts while the rest of the backward runs; false compiles one graph, whose
+    # gradients are all-reduced after its backward. On one H200 under DDP over one process (use_ddp), phase 1 ran
+    # 4,266-4,708 img/s split and 4,637-4,818 as one graph, on two machines (BENCHMARKS.md, fifteenth session):
+    # not yet compared on one machine, nor with several GPUs, where the overlap counts.
+    ddp_split_compiled_graph: bool = True
     seed: int = 42
     log_every: int = 50
     # A profile of profile_steps optimizer steps after step profile_start_step (past compilation) in profile_dir:

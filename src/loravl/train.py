@@ -90,6 +90,7 @@ def _train(cfg: RunConfig, env: "DistributedEnv") -> VisionLanguageModel:
                     stored)
     logger.info(model.vision.summary.format())
     if tc.compile:
+        torch._dynamo.config.optimize_ddp = tc.ddp_split_compiled_graph  # read when the wrapped model compiles
         model.compile(scope=tc.compile_scope, mode=tc.compile_mode)  # in place: names and checkpoints unchanged
 
     # Phase 1 setup. DDP registers only parameters that require grad when it wraps the model.
