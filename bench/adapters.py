@@ -12,14 +12,12 @@ from __future__ import annotations
 
 import argparse
 import json
-import sys
 from pathlib import Path
 from typing import Optional
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "src"))
 
-from loravl.finetune import ADAPTERS, load_classification_data, run_finetune, write_synthetic_imagefolder  # noqa: E402
-from loravl.finetune.cli import add_common_arguments, config_from_args  # noqa: E402
+from loravl.finetune import ADAPTERS, load_classification_data, run_finetune, write_synthetic_imagefolder
+from loravl.finetune.cli import add_common_arguments, config_from_args
 
 
 def format_table(rows: list[dict]) -> str:

@@ -9,20 +9,18 @@ from __future__ import annotations
 
 import argparse
 import json
-import sys
 import tempfile
 import time
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT / "src"))
 
-import torch  # noqa: E402
+import torch
 
-from loravl.checkpoint import Checkpointer, ModelWeights, RNGState, TrainState  # noqa: E402
-from loravl.config import ModelConfig, RunConfig, VisionConfig  # noqa: E402
-from loravl.model import VisionLanguageModel  # noqa: E402
-from throughput import random_word_tokenizer  # noqa: E402  (bench/)
+from loravl.checkpoint import Checkpointer, ModelWeights, RNGState, TrainState
+from loravl.config import ModelConfig, RunConfig, VisionConfig
+from loravl.model import VisionLanguageModel
+from common import random_word_tokenizer
 
 
 def main() -> None:
@@ -55,7 +53,7 @@ def main() -> None:
                 torch.cuda.synchronize()
             started = time.perf_counter()
             folder = checkpointer.save(step, ModelWeights(model), shared={"optimizer": optimizer},
-                                       per_rank={"rng": RNGState()}, train_state=TrainState(step=step), cfg=cfg,
+                                       per_rank={"rng": RNGState()}, train_state=TrainState(step=step), run_config=cfg.to_dict(),
                                        tokenizer=tokenizer)
             held = time.perf_counter() - started
             checkpointer.wait()

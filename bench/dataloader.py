@@ -17,7 +17,6 @@ import json
 import multiprocessing
 import os
 import platform
-import sys
 import time
 from pathlib import Path
 
@@ -25,10 +24,9 @@ import numpy as np
 import torch
 from PIL import Image
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "src"))
 
-from loravl.config import DataConfig  # noqa: E402
-from loravl.data import IMAGENET_MEAN, IMAGENET_STD, build_dataloader, build_dataset  # noqa: E402
+from loravl.config import DataConfig
+from loravl.data import IMAGENET_MEAN, IMAGENET_STD, build_dataloader, build_dataset
 
 
 class PillowFloatTransform:

@@ -23,13 +23,14 @@ from typing import Any, Iterable, Iterator
 
 import torch
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "src"))  # run from a checkout without installing
 
-from loravl.data import COLOURS, RELATIONS, SHAPES  # noqa: E402
-from loravl.data.formats import open_source  # noqa: E402
-from loravl.data.loader import build_dataloader, build_dataset  # noqa: E402
-from loravl.evaluate import caption_scores, chance_recall, evaluate_model  # noqa: E402
-from loravl.generate import load_model_for_inference, quiet_library_output, resolve_device  # noqa: E402
+from loravl.data import COLOURS, RELATIONS, SHAPES
+from loravl.data.formats import open_source
+from loravl.data.loader import build_dataloader, build_dataset
+from loravl.evaluate import caption_scores, chance_recall, evaluate_model
+from loravl.device import resolve_device
+from loravl.generate import quiet_library_output
+from loravl.loading import load_model
 
 REPORTED = ("exact_match", "bleu_4", "cider", "i2t_r1", "i2t_r5", "t2i_r1", "itm_i2t_r1", "itm_t2i_r1")
 
@@ -63,14 +64,14 @@ def main() -> int:
     args = parser.parse_args()
     quiet_library_output()
 
-    model, cfg = load_model_for_inference(args.checkpoint, resolve_device(args.device))
+    model, cfg = load_model(args.checkpoint, resolve_device(args.device))
     dataset = build_dataset(cfg.data, "val", model.cfg.vision.image_size)
     rows: dict[str, dict[str, Any]] = {}
 
     started = time.perf_counter()
-    rows["model"] = evaluate_model(model, dataset, cfg, k_test=args.k_test, log_samples=0)
+    rows["model"] = evaluate_model(model, dataset, cfg.data, batch_size=cfg.train.batch_size, k_test=args.k_test, log_samples=0)
     loader = build_dataloader(dataset, cfg.data, cfg.train.batch_size, train=False, seed=cfg.train.seed)
-    rows["zero_image"] = evaluate_model(model, zeroed_images(loader), cfg, k_test=args.k_test, log_samples=0,
+    rows["zero_image"] = evaluate_model(model, zeroed_images(loader), cfg.data, batch_size=cfg.train.batch_size, k_test=args.k_test, log_samples=0,
                                         return_captions=True)
     prior = Counter(s["caption"] for s in rows["zero_image"].pop("samples")).most_common(3)
     references = [list(dataset.table.record(i).captions) for i in range(len(dataset))]

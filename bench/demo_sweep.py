@@ -20,10 +20,9 @@ import time
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT / "src"))
 
-from loravl.config import load_config  # noqa: E402
-from loravl.data import ensure_demo_data  # noqa: E402
+from loravl.config import load_config
+from loravl.data import ensure_demo_data
 
 VALIDATION = re.compile(r"Validation: (.*)$")
 
@@ -68,7 +67,7 @@ def main() -> None:
             run_dir.mkdir(parents=True, exist_ok=True)
             cmd = [sys.executable, str(ROOT / "src/train_stage1_vision_language.py"), "--config", args.config,
                    *shlex.split(args.common), *shlex.split(overrides),
-                   "--train.log_dir", str(run_dir / "logs"), "--train.checkpoint_dir", str(run_dir / "ckpt")]
+                   "--train.logging.dir", str(run_dir / "logs"), "--train.checkpoint.dir", str(run_dir / "ckpt")]
             log = open(run_dir / "stdout.log", "w")
             running[name] = (subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, env=env, cwd=ROOT),
                              time.time())

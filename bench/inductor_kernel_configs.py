@@ -12,7 +12,7 @@ heuristic line (size hints, reduction hint) and the ``.best_config`` files in it
 kernel's file is named by the hash of its source, and its ``.best_config`` by a hash of that name (and of the torch
 build), in the same folder: the same kernel has the same relative paths in both caches. Its name in a kernel's
 source carries its position in the graph (``..._64``), so only compiles of the same graph share many kernels.
-The kernel's time in a step is in a profiler trace (``train.profile_dir``, ``throughput.py --profile_dir``).
+The kernel's time in a step is in a profiler trace (``train.profile.dir``).
 """
 from __future__ import annotations
 

@@ -21,7 +21,6 @@ from __future__ import annotations
 import argparse
 import json
 import statistics
-import sys
 import tempfile
 import time
 from contextlib import contextmanager
@@ -30,13 +29,12 @@ from typing import Iterator, Optional
 
 import torch
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "src"))
 
-from transformers import Dinov2Config  # noqa: E402
+from transformers import Dinov2Config
 
-from loravl.config import LoraConfig, VisionConfig  # noqa: E402
-from loravl.lora_fa import build_lora_optimizer_param_groups  # noqa: E402
-from loravl.vision import VisionEncoder  # noqa: E402
+from loravl.config import LoraConfig, VisionConfig
+from loravl.lora_fa import build_lora_optimizer_param_groups
+from loravl.vision import VisionEncoder
 
 DINOV2_BASE = dict(hidden_size=768, num_hidden_layers=12, num_attention_heads=12, intermediate_size=3072,
                    patch_size=14, image_size=518)

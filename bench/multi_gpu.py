@@ -40,7 +40,6 @@ from datetime import datetime
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT / "bench"))
 
 LINE = re.compile(r"step (\d+)/\d+ .*\| ([\d.]+) img/s(?: \| data wait (\d+)%)?")
 # NVLink multicast stays off on shared hosts (device README).
@@ -55,8 +54,8 @@ def trainer_command(n: int, args, run_dir: Path, manifest: Path, extra: list[str
             "--data.format", "jsonl", "--data.train_path", str(manifest), "--data.num_workers", str(args.workers),
             "--train.batch_size", str(args.batch_size), "--train.max_steps", str(args.steps),
             "--train.lora_warmup_steps", str(args.lora_warmup_steps), "--train.warmup_steps", "10",
-            "--train.log_every", str(args.log_every), "--train.compile", "true", "--train.num_gpus", str(n),
-            "--train.log_dir", str(run_dir / "logs"), "--train.checkpoint_dir", str(run_dir / "checkpoints"),
+            "--train.logging.every", str(args.log_every), "--train.compile.enabled", "true", "--train.num_gpus", str(n),
+            "--train.logging.dir", str(run_dir / "logs"), "--train.checkpoint.dir", str(run_dir / "checkpoints"),
             *shlex.split(args.extra), *extra]
 
 
@@ -101,7 +100,7 @@ def compile_seconds(text: str) -> dict[str, float]:
 
 def run(n: int, args, manifest: Path, ddp: bool = False) -> dict:
     run_dir = Path(args.out) / (f"gpus{n}_ddp" if ddp else f"gpus{n}")
-    extra = ["--train.save_every", str(args.save_every or args.steps), *(["--train.use_ddp", "true"] if ddp else [])]
+    extra = ["--train.checkpoint.save_every", str(args.save_every or args.steps), *(["--train.use_ddp", "true"] if ddp else [])]
     cmd = trainer_command(n, args, run_dir, manifest, extra)
     cache = run_dir / "inductor_cache"
     shutil.rmtree(cache, ignore_errors=True)  # a fresh compile: no kernels or tuning results from an earlier run
@@ -136,7 +135,7 @@ def kill_and_resume(n: int, args, manifest: Path) -> dict:
     run_dir = Path(args.out) / f"resume_gpus{n}"
     save_every = args.lora_warmup_steps + 10  # the checkpoint holds phase 2 (the optimizer's LoRA group)
     # A run far longer than the kill point, so that the kill always lands mid-training.
-    cmd = trainer_command(n, args, run_dir, manifest, ["--train.save_every", str(save_every),
+    cmd = trainer_command(n, args, run_dir, manifest, ["--train.checkpoint.save_every", str(save_every),
                                                        "--train.max_steps", str(10 * args.steps)])
     proc = subprocess.Popen(cmd, env=ENV, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
                             start_new_session=True)
@@ -216,10 +215,11 @@ def main() -> None:
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
 
-    from throughput import ensure_jpegs
+    from common import write_jpegs
+
     jpegs = out / "jpegs"
     t0 = time.time()
-    ensure_jpegs(jpegs, args.num_jpegs)
+    write_jpegs(jpegs, args.num_jpegs)
     print(f"{args.num_jpegs} JPEGs ready in {time.time() - t0:.0f}s", flush=True)
 
     results = {"runs": [], "args": vars(args)}

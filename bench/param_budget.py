@@ -7,18 +7,15 @@ vocabulary of the default size (trained here on random words, since only its siz
 """
 import argparse
 import random
-import sys
 import tempfile
-from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "src"))
 
-import torch  # noqa: E402
-from transformers import Dinov2Config  # noqa: E402
+import torch
+from transformers import Dinov2Config
 
-from loravl.config import ModelConfig, VisionConfig  # noqa: E402
-from loravl.model import VisionLanguageModel  # noqa: E402
-from loravl.text import CaptionTokenizer, train_tokenizer  # noqa: E402
+from loravl.config import ModelConfig, VisionConfig
+from loravl.model import VisionLanguageModel
+from loravl.text import CaptionTokenizer, train_tokenizer
 
 
 def main() -> None:

@@ -11,18 +11,15 @@ from __future__ import annotations
 
 import argparse
 import json
-import sys
 import time
 from pathlib import Path
 
 import numpy as np
 import torch
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "src"))
-sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from loravl.data.images import decode_jpeg_rgb, load_rgb_image, resize_uint8  # noqa: E402
-from loravl.data.shrink import ShrinkSettings, shrink_image  # noqa: E402
+from loravl.data.images import decode_jpeg_rgb, load_rgb_image, resize_uint8
+from loravl.data.shrink import ShrinkSettings, shrink_image
 
 
 def pixels(data: bytes) -> torch.Tensor:

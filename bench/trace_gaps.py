@@ -1,6 +1,6 @@
 """Where the GPU waits: idle time in a PyTorch profiler Chrome trace, by what the host was doing.
 
-    python bench/trace_gaps.py logs/profile/rank0_steps21-25.json --steps 5    # train.profile_dir's trace
+    python bench/trace_gaps.py logs/profile/rank0_steps21-25.json --steps 5    # train.profile.dir's trace
     python bench/trace_gaps.py trace.json --top 30 --out gaps.txt
 
 The GPU's busy time is the union of its kernels, copies and memsets over the trace's span of GPU work. Each gap

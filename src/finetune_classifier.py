@@ -5,11 +5,8 @@
     python src/finetune_classifier.py --adapter lora_fa --data /data/hf_saved_dataset --backbone fastvit_t8
 """
 import sys
-from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parent))  # run from a checkout without installing
-
-from loravl.finetune.cli import main  # noqa: E402
+from loravl.cli import finetune as main
 
 if __name__ == "__main__":
     sys.exit(main())

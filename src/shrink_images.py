@@ -7,11 +7,8 @@ cannot decode full-size photos as fast as the GPU trains (see ``loravl.data.shri
 Then point ``data.train_path`` (or ``data.image_root``) at the copy.
 """
 import sys
-from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parent))  # run from a checkout without installing
-
-from loravl.data.shrink import main  # noqa: E402
+from loravl.cli import shrink as main
 
 if __name__ == "__main__":
     sys.exit(main())

@@ -2,20 +2,18 @@
 trained on demo-style captions, and a tiny model config. No network."""
 from __future__ import annotations
 
-import sys
 from pathlib import Path
 
 import pytest
 import torch
 
 ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT / "src"))
 
-from transformers import Dinov2Config, Dinov2Model  # noqa: E402
+from transformers import Dinov2Config, Dinov2Model
 
-from loravl.config import (CompressorConfig, FusionConfig, LoraConfig, LossConfig, ModelConfig,  # noqa: E402
+from loravl.config import (CompressorConfig, FusionConfig, LoraConfig, LossConfig, ModelConfig,
                            TextConfig, VisionConfig)
-from loravl.text import CaptionTokenizer, train_tokenizer  # noqa: E402
+from loravl.text import CaptionTokenizer, train_tokenizer
 
 TINY_CAPTIONS = [
     f"a {c1} {s1} {rel} a {c2} {s2}"

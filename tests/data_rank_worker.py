@@ -10,12 +10,11 @@ import os
 import sys
 from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "src"))
 
-import torch.distributed as dist  # noqa: E402
+import torch.distributed as dist
 
-from loravl.config import DataConfig  # noqa: E402
-from loravl.data import build_dataloader, build_dataset  # noqa: E402
+from loravl.config import DataConfig
+from loravl.data import build_dataloader, build_dataset
 
 
 def ids_of_epoch(cfg: DataConfig, rank: int, world_size: int, num_workers: int) -> list[int]:

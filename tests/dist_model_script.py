@@ -11,16 +11,15 @@ import torch
 import torch.distributed as dist
 
 ROOT = Path(__file__).resolve().parents[1]
-sys.path[:0] = [str(ROOT / "src"), str(ROOT / "tests")]
 
-from transformers import Dinov2Model  # noqa: E402
+from transformers import Dinov2Model
 
-from conftest import TINY_CAPTIONS, tiny_batch, tiny_dinov2_config  # noqa: E402
-from loravl import distributed as D  # noqa: E402
-from loravl.config import (CompressorConfig, FusionConfig, LoraConfig, LossConfig, ModelConfig,  # noqa: E402
+from conftest import TINY_CAPTIONS, tiny_batch, tiny_dinov2_config
+from loravl import distributed as D
+from loravl.config import (CompressorConfig, FusionConfig, LoraConfig, LossConfig, ModelConfig,
                            TextConfig, VisionConfig)
-from loravl.model import VisionLanguageModel  # noqa: E402
-from loravl.text import CaptionTokenizer, train_tokenizer  # noqa: E402
+from loravl.model import VisionLanguageModel
+from loravl.text import CaptionTokenizer, train_tokenizer
 
 
 def main(out: Path) -> None:

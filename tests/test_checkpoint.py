@@ -9,9 +9,9 @@ import torch
 
 from conftest import tiny_batch
 from loravl.checkpoint import (LATEST, Checkpointer, ModelWeights, RNGState, TrainState, list_checkpoints,
-                               load_model, read_train_state)
+                               read_train_state)
 from loravl.config import RunConfig
-from loravl.export import export_model
+from loravl.loading import export_model, load_model
 from loravl.model import VisionLanguageModel
 
 
@@ -37,7 +37,7 @@ def _outputs(model: VisionLanguageModel, batch: dict) -> dict[str, torch.Tensor]
 def _save(model, cfg, directory: Path, step: int, keep_last: int = 3) -> Path:
     return Checkpointer(directory, keep_last=keep_last, rank=0, world_size=1).save(
         step, ModelWeights(model), shared={}, per_rank={"rng": RNGState()},
-        train_state=TrainState(epoch=1, step=step), cfg=cfg, tokenizer=model.tokenizer)
+        train_state=TrainState(epoch=1, step=step), run_config=cfg.to_dict(), tokenizer=model.tokenizer)
 
 
 def test_load_model_from_checkpoint_and_pointer(tmp_path, tiny_model_config, tiny_tokenizer):
@@ -129,7 +129,7 @@ def test_a_loader_state_from_before_the_continuous_loader_fails_naming_the_file(
     model = _trained_looking_model(cfg.model, tiny_tokenizer)
     checkpointer = Checkpointer(tmp_path / "ckpt", keep_last=2, rank=0, world_size=1)
     folder = checkpointer.save(1, ModelWeights(model), shared={}, per_rank={"loader": loader},
-                               train_state=TrainState(step=1, step_in_epoch=1), cfg=cfg, tokenizer=model.tokenizer)
+                               train_state=TrainState(step=1, step_in_epoch=1), run_config=cfg.to_dict(), tokenizer=model.tokenizer)
     rank_file = folder / "rank_0.pt"
     state = torch.load(rank_file, weights_only=True)
     del state["loader"]["batches_done"]
@@ -169,7 +169,7 @@ def test_background_save_writes_the_state_of_the_moment_it_was_called(tmp_path, 
     monkeypatch.setenv(SLOW_SAVE_ENV, "3:0.5")  # and sleeps before its rename
     checkpointer = Checkpointer(tmp_path / "ckpt", keep_last=2, rank=0, world_size=1, background=True)
     folder = checkpointer.save(3, ModelWeights(model), shared={"optimizer": optimizer}, per_rank={"rng": RNGState()},
-                               train_state=TrainState(epoch=0, step=3), cfg=cfg, tokenizer=model.tokenizer)
+                               train_state=TrainState(epoch=0, step=3), run_config=cfg.to_dict(), tokenizer=model.tokenizer)
     assert not (tmp_path / "ckpt" / LATEST).exists() and not folder.exists()
     optimizer.step()  # the training goes on: weights and AdamW moments change in place
     assert not torch.equal(optimizer.state[params[0]]["exp_avg"], moment_then)
@@ -207,7 +207,7 @@ def test_background_saves_reuse_their_buffers_only_after_the_write_before(tmp_pa
         expected[step] = ({k: v.clone() for k, v in model.checkpoint_state_dict().items()},
                           optimizer.state[params[0]]["exp_avg"].clone())
         checkpointer.save(step, ModelWeights(model), shared={"optimizer": optimizer}, per_rank={"rng": RNGState()},
-                          train_state=TrainState(step=step), cfg=cfg, tokenizer=model.tokenizer)
+                          train_state=TrainState(step=step), run_config=cfg.to_dict(), tokenizer=model.tokenizer)
     checkpointer.wait()
     for step, (weights, moment) in expected.items():
         folder = tmp_path / "ckpt" / f"step_{step:08d}"
@@ -244,7 +244,7 @@ def test_a_failed_background_write_is_raised_by_wait(tmp_path, tiny_model_config
 
     def save(step: int) -> Path:
         return checkpointer.save(step, ModelWeights(model), shared={}, per_rank={"rng": RNGState()},
-                                 train_state=TrainState(step=step), cfg=cfg, tokenizer=model.tokenizer)
+                                 train_state=TrainState(step=step), run_config=cfg.to_dict(), tokenizer=model.tokenizer)
 
     save(1)
     monkeypatch.setenv(SLOW_SAVE_ENV, "2:2")  # step 2's pieces are written, then the writer sleeps before the rename

@@ -39,9 +39,9 @@ def test_wrong_type_and_impossible_value_name_the_field():
         load_config(None, ["--itm_negatives", "random"])
     with pytest.raises(ConfigError, match=r"model.loss.image_pooling_heads must divide the image token width"):
         load_config(None, ["--image_pooling", "attention", "--image_pooling_heads", "3"])
-    with pytest.raises(ConfigError, match=r"train.compile_mode must be one of default, reduce-overhead"):
+    with pytest.raises(ConfigError, match=r"train.compile.mode must be one of default, reduce-overhead"):
         load_config(None, ["--compile_mode", "fast"])
-    with pytest.raises(ConfigError, match=r"train.compile_scope must be 'forward' or 'modules'"):
+    with pytest.raises(ConfigError, match=r"train.compile.scope must be 'forward' or 'modules'"):
         load_config(None, ["--compile_scope", "step"])
     assert load_config(None, ["--num_workers", "auto"]).data.num_workers == "auto"
     assert load_config(None, ["--num_workers", "6"]).data.num_workers == 6
@@ -60,3 +60,23 @@ def test_entry_point_exits_with_the_message(capsys):
         main_config(["--config", "does/not/exist.yaml"])
     assert exc.value.code == 2
     assert "config file not found: does/not/exist.yaml" in capsys.readouterr().err
+
+
+def test_sections_and_the_flat_names_they_replaced(tmp_path):
+    """train.compile/checkpoint/logging/profile are sections; the flat names of earlier releases still work in YAML
+    (a saved checkpoint's config.yaml too), dotted or flat on the command line, and the new place wins."""
+    old = tmp_path / "old.yaml"
+    old.write_text("train:\n  compile: true\n  compile_mode: reduce-overhead\n  log_every: 7\n"
+                   "  checkpoint_dir: ck\n  keep_last: 2\n  profile_dir: prof\n")
+    cfg = load_config(old, ["--train.compile_scope", "modules", "--save_every", "5", "--log_dir", "lg",
+                            "--train.checkpoint.keep_last", "4"])
+    tc = cfg.train
+    assert (tc.compile.enabled, tc.compile.mode, tc.compile.scope) == (True, "reduce-overhead", "modules")
+    assert (tc.logging.every, tc.logging.dir, tc.profile.dir) == (7, "lg", "prof")
+    assert (tc.checkpoint.dir, tc.checkpoint.save_every, tc.checkpoint.keep_last) == ("ck", 5, 4)
+    new = tmp_path / "new.yaml"
+    new.write_text("train:\n  compile: {enabled: true, mode: max-autotune}\n  logging: {every: 3}\n")
+    cfg = load_config(new, ["--compile", "false"])
+    assert (cfg.train.compile.enabled, cfg.train.compile.mode, cfg.train.logging.every) == (False, "max-autotune", 3)
+    with pytest.raises(ConfigError, match=r"train.logging.every must be > 0"):
+        load_config(None, ["--log_every", "0"])

@@ -22,14 +22,13 @@ import torch
 from PIL import Image
 from torchvision.transforms import v2
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "src"))
 
-from loravl.config import ConfigError, DataConfig  # noqa: E402
-from loravl.data import (COLOURS, RELATIONS, SHAPES, DataFormatError, TooManySkippedError,  # noqa: E402
+from loravl.config import ConfigError, DataConfig
+from loravl.data import (COLOURS, RELATIONS, SHAPES, DataFormatError, TooManySkippedError,
                          build_dataloader, build_dataset, build_transform, ensure_demo_data,
                          load_rgb_image)
-from loravl.data.images import jpeg_frame  # noqa: E402
-from loravl.data.skips import Skip  # noqa: E402
+from loravl.data.images import jpeg_frame
+from loravl.data.skips import Skip
 
 IMAGE_SIZE = 32
 TRAIN_SIZE, VAL_SIZE = 24, 12

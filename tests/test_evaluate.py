@@ -153,7 +153,8 @@ def test_evaluate_model_on_a_demo_split(tiny_model, tmp_path):
 
     dataset = build_dataset(cfg.data, "val", image_size=28)
     tiny_model.train()
-    metrics = evaluate_model(tiny_model, dataset, cfg, k_test=3, max_new_tokens=6, return_captions=True)
+    metrics = evaluate_model(tiny_model, dataset, cfg.data, batch_size=cfg.train.batch_size, seed=cfg.train.seed,
+                             k_test=3, max_new_tokens=6, return_captions=True)
     assert tiny_model.training  # mode restored
     assert metrics["num_images"] == 7 and metrics["num_texts"] == 7
     for key in ("i2t_r1", "i2t_r10", "t2i_r5", "itm_i2t_r1", "itm_t2i_r10", "exact_match", "bleu_4", "cider"):
@@ -163,7 +164,8 @@ def test_evaluate_model_on_a_demo_split(tiny_model, tmp_path):
     assert metrics["samples"][0]["references"][0].startswith("a ")
     assert metrics["samples"][0]["image"].endswith("000000.png")
 
-    limited = evaluate_model(tiny_model, dataset, cfg, itm_rerank_enabled=False, caption=False, max_images=4)
+    limited = evaluate_model(tiny_model, dataset, cfg.data, batch_size=cfg.train.batch_size, seed=cfg.train.seed,
+                             itm_rerank_enabled=False, caption=False, max_images=4)
     assert limited["num_images"] == 4 and "itm_i2t_r1" not in limited and "cider" not in limited
 
 
@@ -180,7 +182,7 @@ def test_evaluate_cli_writes_metrics_json(tiny_model, tiny_model_config, tmp_pat
                                     demo_val_size=5, demo_image_size=32, num_workers=0))
     Checkpointer(tmp_path / "ckpt", keep_last=1, rank=0, world_size=1).save(
         3, ModelWeights(tiny_model), shared={}, per_rank={"rng": RNGState()}, train_state=TrainState(step=3),
-        cfg=cfg, tokenizer=tiny_model.tokenizer)
+        run_config=cfg.to_dict(), tokenizer=tiny_model.tokenizer)
     root = Path(__file__).resolve().parents[1]
     output = tmp_path / "out" / "metrics.json"
     result = subprocess.run([sys.executable, str(root / "src" / "evaluate.py"), "--checkpoint", str(tmp_path / "ckpt"),

@@ -13,7 +13,7 @@ from PIL import Image, ImageDraw
 
 from loravl.checkpoint import Checkpointer, ModelWeights, RNGState, TrainState
 from loravl.config import RunConfig
-from loravl.export import export_model
+from loravl.loading import export_model
 from loravl.generate import (ImageReadError, caption_images, expand_image_inputs, generation_kwargs)
 from loravl.model import VisionLanguageModel
 
@@ -77,7 +77,7 @@ def checkpoint_dir(tmp_path, tiny_model, tiny_model_config) -> Path:
     directory = tmp_path / "ckpt"
     Checkpointer(directory, keep_last=1, rank=0, world_size=1).save(
         5, ModelWeights(tiny_model), shared={}, per_rank={"rng": RNGState()}, train_state=TrainState(step=5),
-        cfg=RunConfig(model=tiny_model_config), tokenizer=tiny_model.tokenizer)
+        run_config=RunConfig(model=tiny_model_config).to_dict(), tokenizer=tiny_model.tokenizer)
     return directory
 
 
@@ -166,15 +166,17 @@ def test_cli_compile_gives_the_same_captions(tmp_path, checkpoint_dir, tiny_mode
 
 
 def test_python_api(checkpoint_dir, tmp_path):
-    model = VisionLanguageModel.from_pretrained(checkpoint_dir)
+    import loravl
+
+    model, _ = loravl.load_model(checkpoint_dir)
     assert not model.training
     path = write_good_images(tmp_path / "photos")[0]
-    captions = model.caption([Image.open(path), path], max_new_tokens=6)
+    captions = loravl.caption(model, [Image.open(path), path], max_new_tokens=6)
     assert len(captions) == 2 and captions[0] == captions[1]
-    assert model.caption(str(path), max_new_tokens=6) == captions[:1]
+    assert loravl.caption(model, str(path), max_new_tokens=6) == captions[:1]
     bad = write_bad_files(tmp_path / "bad")[1]
     with pytest.raises(ImageReadError, match="text.jpg"):
-        model.caption([path, bad], max_new_tokens=6)
+        loravl.caption(model, [path, bad], max_new_tokens=6)
 
 
 def test_expand_image_inputs(tmp_path):

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import json
 import os
-import re
 import signal
 import subprocess
 import sys
@@ -191,26 +190,6 @@ def test_ddp_over_one_process_trains_as_one_process_does(tmp_path, data_root):
     assert losses(steps) == losses(read_steps(plain))  # one rank's all-reduce averages over 1: exact
 
 
-def test_use_ddp_wraps_one_process_in_ddp(tiny_model_config, tiny_tokenizer):
-    import torch.distributed as dist
-    from torch.nn.parallel import DistributedDataParallel as DDP
-
-    from loravl.config import TrainConfig
-    from loravl.model import VisionLanguageModel
-    from loravl.train import init_distributed, wrap_model
-
-    model = VisionLanguageModel(tiny_model_config, tiny_tokenizer)
-    env = init_distributed(TrainConfig(cpu=True))
-    assert not env.ddp and not dist.is_initialized() and wrap_model(model, env) is model
-    env = init_distributed(TrainConfig(cpu=True, use_ddp=True))
-    try:
-        assert env.ddp and env.world_size == 1 and dist.get_world_size() == 1
-        wrapped = wrap_model(model, env)
-        assert isinstance(wrapped, DDP) and wrapped.module is model
-    finally:
-        dist.destroy_process_group()
-
-
 @pytest.mark.parametrize("split", [True, False])
 def test_compiled_forward_under_ddp_splits_at_buckets_only_where_asked(tiny_model_config, tiny_tokenizer, split):
     """The compiled training forward under DDP (one process), with dynamo's optimize_ddp as the trainer sets it
@@ -374,14 +353,17 @@ def test_train_step_with_cuda_graphs_keeps_gradient_buffers(tiny_model_config, t
     from collections import Counter
 
     from conftest import tiny_batch
-    from loravl.config import TrainConfig
+    from loravl.config import CompileConfig, TrainConfig
     from loravl.model import VisionLanguageModel
-    from loravl.train import DistributedEnv, build_optimizer, choose_precision, train_step
+    from loravl.device import choose_precision
+    from loravl.optim import build_optimizer
+    from loravl.runtime import DistributedEnv
+    from loravl.train import train_step
 
     env = DistributedEnv(rank=0, local_rank=0, world_size=1, device=torch.device("cpu"))
     results = {}
     for mode in ("default", "reduce-overhead"):
-        tc = TrainConfig(compile=True, compile_mode=mode, lr=1e-3)
+        tc = TrainConfig(compile=CompileConfig(enabled=True, mode=mode), lr=1e-3)
         torch.manual_seed(0)
         model = VisionLanguageModel(tiny_model_config, tiny_tokenizer).train()  # eager: the step's logic only
         optimizer = build_optimizer(model, tc, env.device)
@@ -408,14 +390,17 @@ def test_train_step_with_cuda_graphs_and_one_micro_batch_keeps_no_buffers(tiny_m
     from collections import Counter
 
     from conftest import tiny_batch
-    from loravl.config import TrainConfig
+    from loravl.config import CompileConfig, TrainConfig
     from loravl.model import VisionLanguageModel
-    from loravl.train import DistributedEnv, build_optimizer, choose_precision, train_step
+    from loravl.device import choose_precision
+    from loravl.optim import build_optimizer
+    from loravl.runtime import DistributedEnv
+    from loravl.train import train_step
 
     env = DistributedEnv(rank=0, local_rank=0, world_size=1, device=torch.device("cpu"))
     results = {}
     for mode in ("default", "reduce-overhead"):
-        tc = TrainConfig(compile=True, compile_mode=mode, lr=1e-3)
+        tc = TrainConfig(compile=CompileConfig(enabled=True, mode=mode), lr=1e-3)
         torch.manual_seed(0)
         model = VisionLanguageModel(tiny_model_config, tiny_tokenizer).train()
         optimizer = build_optimizer(model, tc, env.device)
@@ -466,82 +451,3 @@ def test_a_streak_of_non_finite_steps_stops_the_run_without_saving(tmp_path, dat
     steps = read_steps(tmp_path)
     assert sorted(steps) == [1, 2, 3] and all(r["skipped_step"] for r in steps.values())
     assert not [p for p in (tmp_path / "ckpt").iterdir() if p.name.startswith("step_")]
-
-
-def test_a_log_line_at_every_log_step_whatever_max_bad_steps(tmp_path):
-    """The metrics are read back from the device in chunks; each log step must end one, or its line is never
-    written (log_every 26 with max_bad_steps 10 once logged only steps 130 and 208 of 208). A flush between log
-    steps (an epoch's end, a checkpoint) must not cost the next line either."""
-    from collections import Counter
-
-    from loravl.checkpoint import TrainState
-    from loravl.config import TrainConfig
-    from loravl.train import LOSS_NAMES, DistributedEnv, MetricsLogger, setup_logging
-
-    setup_logging(tmp_path, rank=0)
-    env = DistributedEnv(rank=0, local_rank=0, world_size=1, device=torch.device("cpu"))
-    metrics = MetricsLogger(tmp_path, env, 60, TrainConfig(log_every=7, max_bad_steps=3), start_step=0)
-    step_metrics = {**{n: torch.tensor(1.0) for n in (*LOSS_NAMES, "grad_norm")}, "bad": torch.tensor(0.0),
-                    "images": 4, "skipped": Counter()}
-    for step in range(1, 61):
-        metrics.record(TrainState(step=step), step_metrics, lrs=[1e-4])
-        if step in (10, 25):
-            metrics.flush()
-    metrics.flush()
-    metrics.close()
-    logged = [int(m) for m in re.findall(r"step (\d+)/60", (tmp_path / "training.log").read_text())]
-    assert logged == [*range(7, 57, 7), 60]
-
-
-def log_with_waits(log_dir: Path, waits_s: list[float], step_s: float = 0.05, to_hint: bool = True) -> str:
-    """The training log of a MetricsLogger (log_every 1, on the CPU) whose steps waited ``waits_s`` for data,
-    each then stepping for ``step_s``. The waits are real: sleeps inside ``waiting_for_data`` and outside it."""
-    from collections import Counter
-
-    from loravl.checkpoint import TrainState
-    from loravl.config import TrainConfig
-    from loravl.train import LOSS_NAMES, DistributedEnv, MetricsLogger, setup_logging
-
-    setup_logging(log_dir, rank=0)
-    env = DistributedEnv(rank=0, local_rank=0, world_size=1, device=torch.device("cpu"))
-    metrics = MetricsLogger(log_dir, env, len(waits_s), TrainConfig(log_every=1), start_step=0,
-                            hint_when_loader_bound=to_hint)
-    step_metrics = {**{n: torch.tensor(1.0) for n in (*LOSS_NAMES, "grad_norm")}, "bad": torch.tensor(0.0),
-                    "images": 4, "skipped": Counter()}
-    for step, wait_s in enumerate(waits_s, start=1):
-        with metrics.waiting_for_data():
-            if wait_s:  # no sleep at all for none: a busy machine's scheduling would add a wait of its own
-                time.sleep(wait_s)
-        time.sleep(step_s)
-        metrics.record(TrainState(step=step), step_metrics, lrs=[1e-4])
-    metrics.flush()
-    metrics.close()
-    return (log_dir / "training.log").read_text()
-
-
-def test_a_log_lines_data_wait_and_rate_are_its_own_steps(tmp_path):
-    """A line is written READ_BACK_LAG steps after its log step, once the metrics are back from the device; its
-    data wait and img/s must still be those of its own steps. Before, they were timed up to the writing: the line
-    of step 1 held step 3's wait (and the first line three steps), and a wait moved to the line before it."""
-    text = log_with_waits(tmp_path, [0.0, 0.0, 0.2, 0.0, 0.0])
-    waits = [int(w) for w in re.findall(r"data wait (\d+)%", text)]
-    rates = [float(r) for r in re.findall(r"\| ([\d.]+) img/s", text)]
-    assert len(waits) == len(rates) == 5, text
-    # 80% for the step that waited; a few ms of a busy machine's scheduling in the others
-    assert waits[2] >= 60 and max(waits[:2] + waits[3:]) <= 20, waits
-    # 4 images a step: about 80 img/s for a 50 ms step, 16 for the step that also waited 200 ms
-    assert rates[2] < 0.5 * min(rates[:2] + rates[3:]), rates
-
-
-def test_the_log_says_once_when_the_loader_sets_the_pace(tmp_path):
-    """Three log lines in a row that waited a fifth of their interval or more for data bring one line naming the
-    remedies, however long the wait goes on; a run whose waits stay short, or pass the mark only now and then (an
-    epoch's start), gets none, and so does a run that is not to hint (the trainer's on the CPU, where more workers
-    would take cores from the step)."""
-    run_intervals = log_with_waits
-    hint = "The data loader sets the pace: data wait"
-    bound = run_intervals(tmp_path / "bound", [0.0] * 3 + [0.05] * 8)
-    assert bound.count(hint) == 1 and "src/shrink_images.py" in bound and "data.num_workers" in bound
-    assert run_intervals(tmp_path / "fed", [0.0] * 11).count(hint) == 0
-    assert run_intervals(tmp_path / "now_and_then", [0.0, 0.05, 0.05, 0.0, 0.05, 0.05, 0.0, 0.0]).count(hint) == 0
-    assert run_intervals(tmp_path / "not_to_hint", [0.05] * 8, to_hint=False).count(hint) == 0

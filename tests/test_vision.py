@@ -7,7 +7,7 @@ from transformers import AutoModel, Dinov2Config, Dinov2Model, Dinov2WithRegiste
 from loravl.compressor import TokenCompressor
 from loravl.config import CompressorConfig, ConfigError, LoraConfig, VisionConfig
 from loravl.vision import (GeluMLP, PatchProjection, VisionEncoder, normalize_pixels,
-                           num_image_tokens, resolve_target_modules)
+                           num_image_tokens)
 
 from conftest import tiny_dinov2_config
 
@@ -279,28 +279,6 @@ def test_dinov2_base_lora_parameter_budget(tmp_path, image_size, total):
     assert encoder.summary.counts_by_kind == {"attention": 24}
     text = encoder.summary.format()
     assert f"589,824 of {total:,}" in text and "rank=16, alpha=32" in text
-
-
-class OldStyleAttention(nn.Module):
-    """The layer names transformers <= 5.17 gives DINOv2's attention."""
-
-    def __init__(self):
-        super().__init__()
-        self.query, self.key, self.value, self.dense = (nn.Linear(4, 4) for _ in range(4))
-
-
-class NewStyleAttention(nn.Module):
-    """The layer names transformers >= 5.23 gives it."""
-
-    def __init__(self):
-        super().__init__()
-        self.q_proj, self.k_proj, self.v_proj, self.o_proj = (nn.Linear(4, 4) for _ in range(4))
-
-
-@pytest.mark.parametrize("requested", [["query", "value"], ["q_proj", "v_proj"]])
-def test_target_module_aliases_resolve_both_ways(requested):
-    assert resolve_target_modules(OldStyleAttention(), requested) == ["query", "value"]
-    assert resolve_target_modules(NewStyleAttention(), requested) == ["q_proj", "v_proj"]
 
 
 @pytest.mark.parametrize("requested", [["query", "value"], ["q_proj", "v_proj"]])

@@ -5,11 +5,10 @@ import sys
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT / "src"))
 
-from loravl.checkpoint import save_weights  # noqa: E402
-from loravl.config import main_config  # noqa: E402
-from loravl.train import train  # noqa: E402
+from loravl.checkpoint import save_weights
+from loravl.config import main_config
+from loravl.train import train
 
 if __name__ == "__main__":
     out_dir = Path(sys.argv[1])

@@ -8,7 +8,7 @@ A checkpoint folder ``<checkpoint_dir>/step_00001000/`` holds
     scaler.pt              the fp16 grad scaler (only when one is used)
     train_state.json       epoch, step, phase (TrainState)
     rank_<r>.pt            per rank: RNG states (torch, cuda, numpy, python) and the data loader's position
-    config.yaml            the resolved RunConfig
+    config.yaml            the resolved RunConfig (``RunConfig.to_dict()``)
     tokenizer/             the caption tokenizer
     vision_config/         the backbone's HF config.json (a randomly initialised encoder rebuilds from it)
 
@@ -20,8 +20,8 @@ With ``background`` (the trainer's default) rank 0 copies what it writes to the 
 kept between saves, ``CpuStaging``) and writes it in a thread while the training goes on; the next ``save()`` (or
 ``wait()``) waits for it first.
 
-Everything is read back with safetensors or ``torch.load(weights_only=True)``.
-``load_model(path)`` rebuilds a model for inference from a checkpoint, the checkpoint dir or an export folder.
+Everything is read back with safetensors or ``torch.load(weights_only=True)``. Rebuilding a model for inference
+from a checkpoint is ``loravl.loading``'s work.
 """
 from __future__ import annotations
 
@@ -35,16 +35,18 @@ import threading
 import time
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Protocol
+from typing import TYPE_CHECKING, Any, Protocol
 
 import numpy as np
 import torch
 import torch.distributed as dist
+import yaml
 from safetensors.torch import load_file, save_file
 
-from .config import RunConfig, load_config, save_config
-from .model import VisionLanguageModel
-from .text import CaptionTokenizer, load_tokenizer
+from .text import CaptionTokenizer
+
+if TYPE_CHECKING:  # the model is only handed in: checkpoints do not build models (loravl.loading does)
+    from .model import VisionLanguageModel
 
 logger = logging.getLogger(__name__)
 
@@ -308,7 +310,7 @@ class Checkpointer:
         self._write_error: BaseException | None = None
 
     def save(self, step: int, model: ModelWeights, shared: dict[str, Stateful], per_rank: dict[str, Stateful],
-             train_state: TrainState, cfg: RunConfig, tokenizer: CaptionTokenizer) -> Path:
+             train_state: TrainState, run_config: dict[str, Any], tokenizer: CaptionTokenizer) -> Path:
         """Collective: every rank calls it. Returns the new checkpoint folder: complete on return, or with
         ``background`` once rank 0's thread is done (``wait()``). Each rank's own piece is written before it
         returns either way (it is small); rank 0 copies the shared pieces to the CPU first, so the steps after
@@ -334,7 +336,7 @@ class Checkpointer:
                 weights = model.snapshot()
                 pieces = {name: piece.state_dict() for name, piece in shared.items()}
             vision_config = model.model.vision.model.get_base_model().config
-            args = (step, tmp, final, weights, pieces, train_state.state_dict(), cfg, tokenizer, vision_config)
+            args = (step, tmp, final, weights, pieces, train_state.state_dict(), run_config, tokenizer, vision_config)
             if self.background:
                 self._writer = threading.Thread(target=self._write_catching, args=args, name="loravl-checkpoint")
                 self._writer.start()
@@ -362,14 +364,14 @@ class Checkpointer:
             self._write_error = e
 
     def _write(self, step: int, tmp: Path, final: Path, weights: tuple, pieces: dict[str, Any],
-               train_state: dict[str, Any], cfg: RunConfig, tokenizer: CaptionTokenizer, vision_config) -> None:
+               train_state: dict[str, Any], run_config: dict[str, Any], tokenizer: CaptionTokenizer, vision_config) -> None:
         """Rank 0: the shared pieces into ``tmp``, fsync, rename to ``final``, then ``latest`` moves."""
         _sleep_if_asked(DELAYED_WRITE_ENV, step)
         write_weights(*weights, tmp / MODEL_FILE)
         for name, state in pieces.items():
             torch.save(state, tmp / f"{name}.pt")
         (tmp / TRAIN_STATE_FILE).write_text(json.dumps(train_state, indent=1))
-        save_config(cfg, tmp / "config.yaml")
+        (tmp / "config.yaml").write_text(yaml.safe_dump(run_config, sort_keys=False))
         tokenizer.save(tmp / "tokenizer")
         vision_config.save_pretrained(str(tmp / "vision_config"))
         _fsync_tree(tmp)
@@ -415,33 +417,3 @@ def read_train_state(path: str | Path) -> TrainState:
     state = TrainState()
     state.load_state_dict(json.loads((resolve_checkpoint(path) / TRAIN_STATE_FILE).read_text()))
     return state
-
-
-# Loading a model for inference
-
-
-def build_model(cfg: RunConfig, tokenizer: CaptionTokenizer) -> VisionLanguageModel:
-    return VisionLanguageModel(cfg.model, tokenizer)
-
-
-def caption_tokenizer(path: str | Path, cfg: RunConfig) -> CaptionTokenizer:
-    return CaptionTokenizer(load_tokenizer(path), cfg.model.text.max_length)
-
-
-def load_model(path: str | Path, device: str | torch.device = "cpu") -> tuple[VisionLanguageModel, RunConfig]:
-    """A model in eval mode, and its config, from a training checkpoint folder, a checkpoint dir (its ``latest``)
-    or a folder written by ``loravl.export.export_model`` (LoRA merged or not)."""
-    folder = resolve_checkpoint(path)
-    if (folder / EXPORT_MARKER).is_file():
-        from .export import load_exported
-
-        model, cfg = load_exported(folder)
-    else:
-        cfg = load_config(folder / "config.yaml")
-        cfg.model.text.tokenizer = str(folder / "tokenizer")
-        if cfg.model.vision.random_init:
-            # The whole encoder is in the checkpoint; only the architecture is needed.
-            cfg.model.vision.pretrained = str(folder / "vision_config")
-        model = build_model(cfg, caption_tokenizer(folder / "tokenizer", cfg))
-        ModelWeights(model).load(folder / MODEL_FILE)
-    return model.to(device).eval(), cfg

@@ -2,27 +2,19 @@
 
 Every component takes its own sub-config (``VisionConfig`` for the encoder, ``LossConfig`` for the losses, ...).
 ``load_config(path, overrides)`` builds a ``RunConfig`` and fails at start, naming the field, on an unknown key,
-a wrong type or an impossible value.
+a wrong type or an impossible value (the generic reading of YAML and arguments is ``loravl.config_parsing``).
 """
 from __future__ import annotations
 
 import dataclasses
 import sys
-import types
-import typing
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Optional, Union
+from typing import ClassVar, Optional, Union
 
 import yaml
 
-
-class ConfigError(ValueError):
-    """A configuration problem; the message names the field (``model.lora.rank``) or file."""
-
-
-# ----------------------------------------------------------------------------------------------------------------
-# Sub-configs
+from .config_parsing import ConfigError, from_dict, merge, parse_overrides as parse_overrides_for, upgrade_keys
 
 
 @dataclass
@@ -31,7 +23,7 @@ class LoraConfig:
     alpha: int = 32
     dropout: float = 0.1
     # Users write either transformers' old names (query/value) or the new ones (q_proj/v_proj); resolved against
-    # the model in hand by loravl.vision.resolve_target_modules.
+    # the model in hand by loravl.lora.resolve_target_modules.
     target_modules: list[str] = field(default_factory=lambda: ["query", "value"])
     # lora | lora_fa (A frozen at its random init, only B trains)
     variant: str = "lora"
@@ -237,7 +229,83 @@ COMPILE_MODES = ("default", "reduce-overhead", "max-autotune", "max-autotune-no-
 
 
 @dataclass
+class CompileConfig:
+    enabled: bool = False
+    # torch.compile mode. reduce-overhead replays CUDA graphs: one launch per graph instead of one per kernel,
+    # which matters when the host cannot keep the GPU busy.
+    mode: str = "default"
+    # What is compiled: forward (the whole training forward, losses and queue included, as one graph) or modules
+    # (each heavy submodule alone, the rest eager; smaller graphs). BENCHMARKS.md compares them.
+    scope: str = "forward"
+    # Under DDP, split the compiled graph at DDP's gradient buckets (dynamo's optimize_ddp), so that a bucket's
+    # all-reduce starts while the rest of the backward runs; false compiles one graph.
+    ddp_split_graph: bool = True
+
+    def validate(self, prefix: str) -> None:
+        _check(self.mode in COMPILE_MODES, prefix, "mode", f"must be one of {', '.join(COMPILE_MODES)}")
+        _check(self.scope in ("forward", "modules"), prefix, "scope", "must be 'forward' or 'modules'")
+
+    @property
+    def cuda_graphs(self) -> bool:
+        return self.enabled and self.mode in ("reduce-overhead", "max-autotune")
+
+
+@dataclass
+class CheckpointConfig:
+    dir: str = "checkpoints/stage1"
+    # Optimizer steps between checkpoints; each epoch's end is saved too.
+    save_every: int = 1000
+    keep_last: int = 3
+    # Rank 0 writes a checkpoint in a thread from a copy on the CPU while the training goes on; false: every rank
+    # waits for the write.
+    in_background: bool = True
+    # Where the finished run exports its model (empty: <dir>/export).
+    export_dir: str = ""
+    merge_lora_on_export: bool = False
+
+    def validate(self, prefix: str) -> None:
+        _check(self.save_every > 0, prefix, "save_every", "must be > 0")
+        _check(self.keep_last > 0, prefix, "keep_last", "must be > 0")
+
+
+@dataclass
+class LoggingConfig:
+    # training.log (what users tail), steps.jsonl and TensorBoard scalars.
+    dir: str = "logs/stage1"
+    # Optimizer steps between log lines.
+    every: int = 50
+
+    def validate(self, prefix: str) -> None:
+        _check(self.every > 0, prefix, "every", "must be > 0")
+
+
+@dataclass
+class ProfileConfig:
+    # A profile of ``steps`` optimizer steps after step ``start_step`` (past compilation) in ``dir``: a Chrome
+    # trace per rank (chrome://tracing or ui.perfetto.dev; bench/trace_gaps.py reads where the GPU waits) and the
+    # top operators. Empty: no profiling.
+    dir: str = ""
+    start_step: int = 20
+    steps: int = 5
+
+    def validate(self, prefix: str) -> None:
+        _check(self.start_step >= 0, prefix, "start_step", "must be >= 0")
+        _check(self.steps > 0, prefix, "steps", "must be > 0")
+
+
+@dataclass
 class TrainConfig:
+    # The flat names of earlier releases, still accepted in YAML, saved checkpoints and on the command line.
+    RENAMED: ClassVar[dict[str, str]] = {
+        "compile": "compile.enabled", "compile_mode": "compile.mode", "compile_scope": "compile.scope",
+        "ddp_split_compiled_graph": "compile.ddp_split_graph",
+        "checkpoint_dir": "checkpoint.dir", "save_every": "checkpoint.save_every",
+        "keep_last": "checkpoint.keep_last", "checkpoint_in_background": "checkpoint.in_background",
+        "export_dir": "checkpoint.export_dir", "merge_lora_on_export": "checkpoint.merge_lora_on_export",
+        "log_dir": "logging.dir", "log_every": "logging.every",
+        "profile_dir": "profile.dir", "profile_start_step": "profile.start_step", "profile_steps": "profile.steps",
+    }
+
     epochs: int = 50
     # Per process (per GPU).
     batch_size: int = 64
@@ -261,39 +329,9 @@ class TrainConfig:
     stop_at_step: Optional[int] = None
     # auto: bf16 where the GPU has it, fp16 on other GPUs, fp32 on CPU
     mixed_precision: str = "auto"
-    compile: bool = False
-    # torch.compile mode (with compile: true). reduce-overhead replays CUDA graphs:
-    # one launch per graph instead of one per kernel, which matters when the host cannot keep the GPU busy.
-    compile_mode: str = "default"
-    # What is compiled: forward (the whole training forward, losses and queue included, as one graph) or modules
-    # (each heavy submodule alone, the rest eager). forward measured 1.42x faster with LoRA frozen and 1.12x with
-    # LoRA training on one H100 (BENCHMARKS.md, run 10); modules compiles smaller graphs.
-    compile_scope: str = "forward"
-    # Under DDP with compile: true, split the compiled graph at DDP's gradient buckets (dynamo's optimize_ddp),
-    # so that a bucket's all-reduce starts while the rest of the backward runs; false compiles one graph, whose
-    # gradients are all-reduced after its backward. On one H200 under DDP over one process (use_ddp), phase 1 ran
-    # 4,266-4,708 img/s split and 4,637-4,818 as one graph, on two machines (BENCHMARKS.md, fifteenth session):
-    # not yet compared on one machine, nor with several GPUs, where the overlap counts.
-    ddp_split_compiled_graph: bool = True
-    seed: int = 42
-    log_every: int = 50
-    # A profile of profile_steps optimizer steps after step profile_start_step (past compilation) in profile_dir:
-    # a Chrome trace per rank (chrome://tracing or ui.perfetto.dev; bench/trace_gaps.py reads where the GPU
-    # waits) and the top operators. Empty: no profiling.
-    profile_dir: str = ""
-    profile_start_step: int = 20
-    profile_steps: int = 5
-    save_every: int = 1000
-    keep_last: int = 3
-    # Rank 0 writes a checkpoint in a thread from a copy on the CPU while the training goes on (about 800 MB for
-    # the default model: on an H200 host the copy held the run 0.03 s, written in place 1.0-1.6 s); false: every
-    # rank waits for the write.
-    checkpoint_in_background: bool = True
+    # Stop (without saving) after this many optimizer steps in a row with non-finite losses or gradients.
     max_bad_steps: int = 10
-    log_dir: str = "logs/stage1"
-    checkpoint_dir: str = "checkpoints/stage1"
-    export_dir: str = ""
-    merge_lora_on_export: bool = False
+    seed: int = 42
     # latest | a checkpoint folder | empty
     resume: str = ""
     # Flags from the original scripts; num_gpus is checked against the launched world size. Several processes
@@ -302,6 +340,10 @@ class TrainConfig:
     use_ddp: bool = False
     num_gpus: Optional[int] = None
     cpu: bool = False
+    compile: CompileConfig = field(default_factory=CompileConfig)
+    checkpoint: CheckpointConfig = field(default_factory=CheckpointConfig)
+    logging: LoggingConfig = field(default_factory=LoggingConfig)
+    profile: ProfileConfig = field(default_factory=ProfileConfig)
 
     def validate(self, prefix: str) -> None:
         _check(self.epochs > 0, prefix, "epochs", "must be > 0")
@@ -322,15 +364,10 @@ class TrainConfig:
         _check(self.stop_at_step is None or self.stop_at_step > 0, prefix, "stop_at_step", "must be > 0")
         _check(self.mixed_precision in ("auto", "no", "bf16", "fp16"), prefix, "mixed_precision",
                "must be auto, no, bf16 or fp16")
-        _check(self.compile_mode in COMPILE_MODES, prefix, "compile_mode", f"must be one of {', '.join(COMPILE_MODES)}")
-        _check(self.compile_scope in ("forward", "modules"), prefix, "compile_scope", "must be 'forward' or 'modules'")
-        _check(self.log_every > 0, prefix, "log_every", "must be > 0")
-        _check(self.profile_start_step >= 0, prefix, "profile_start_step", "must be >= 0")
-        _check(self.profile_steps > 0, prefix, "profile_steps", "must be > 0")
-        _check(self.save_every > 0, prefix, "save_every", "must be > 0")
-        _check(self.keep_last > 0, prefix, "keep_last", "must be > 0")
         _check(self.max_bad_steps > 0, prefix, "max_bad_steps", "must be > 0")
         _check(self.num_gpus is None or self.num_gpus > 0, prefix, "num_gpus", "must be > 0")
+        for name in ("compile", "checkpoint", "logging", "profile"):
+            getattr(self, name).validate(f"{prefix}.{name}")
 
 
 @dataclass
@@ -349,166 +386,17 @@ class RunConfig:
         return dataclasses.asdict(self)
 
 
-# ----------------------------------------------------------------------------------------------------------------
-# Building configs from dicts, YAML and the command line
-
-
 def _check(ok: bool, prefix: str, name: str, message: str) -> None:
     if not ok:
         raise ConfigError(f"{prefix}.{name} {message}")
 
 
-def _is_dataclass_type(tp: Any) -> bool:
-    return isinstance(tp, type) and dataclasses.is_dataclass(tp)
-
-
-def _coerce(value: Any, tp: Any, where: str) -> Any:
-    """Check ``value`` against the annotation ``tp``; convert only where no information is lost (int -> float)."""
-    origin = typing.get_origin(tp)
-    if origin in (typing.Union, types.UnionType):
-        args = typing.get_args(tp)
-        if value is None and type(None) in args:
-            return None
-        errors = []
-        for arg in args:
-            if arg is type(None):
-                continue
-            try:
-                return _coerce(value, arg, where)
-            except ConfigError as e:
-                errors.append(str(e))
-        raise ConfigError(errors[0] if errors else f"{where}: bad value {value!r}")
-    if origin is list:
-        (item_tp,) = typing.get_args(tp)
-        if isinstance(value, str):  # a comma-separated CLI value
-            value = [v.strip() for v in value.split(",") if v.strip()]
-        if not isinstance(value, (list, tuple)):
-            raise ConfigError(f"{where} must be a list, got {value!r}")
-        return [_coerce(v, item_tp, f"{where}[{i}]") for i, v in enumerate(value)]
-    if _is_dataclass_type(tp):
-        if not isinstance(value, dict):
-            raise ConfigError(f"{where} must be a mapping, got {value!r}")
-        return _from_dict(tp, value, where)
-    if tp is bool:
-        if isinstance(value, bool):
-            return value
-        if isinstance(value, str) and value.lower() in ("true", "false", "1", "0", "yes", "no"):
-            return value.lower() in ("true", "1", "yes")
-        raise ConfigError(f"{where} must be true or false, got {value!r}")
-    if tp is int:
-        if isinstance(value, int) and not isinstance(value, bool):
-            return value
-        if isinstance(value, float) and value.is_integer():
-            return int(value)
-        raise ConfigError(f"{where} must be an integer, got {value!r}")
-    if tp is float:
-        if isinstance(value, (int, float)) and not isinstance(value, bool):
-            return float(value)
-        if isinstance(value, str):
-            try:
-                return float(value)
-            except ValueError:
-                pass
-        raise ConfigError(f"{where} must be a number, got {value!r}")
-    if tp is str:
-        if isinstance(value, str):
-            return value
-        if isinstance(value, (int, float)) and not isinstance(value, bool):
-            return str(value)
-        raise ConfigError(f"{where} must be a string, got {value!r}")
-    raise ConfigError(f"{where}: unsupported type {tp}")
-
-
-def _from_dict(cls: type, data: dict, where: str = "") -> Any:
-    hints = typing.get_type_hints(cls)
-    names = {f.name for f in dataclasses.fields(cls)}
-    kwargs = {}
-    for key, value in data.items():
-        path = f"{where}.{key}" if where else str(key)
-        if key not in names:
-            raise ConfigError(f"unknown config key {path!r} (known keys here: {', '.join(sorted(names))})")
-        kwargs[key] = _coerce(value, hints[key], path)
-    return cls(**kwargs)
-
-
-def leaf_paths(cls: type = RunConfig, prefix: str = "") -> dict[str, Any]:
-    """Every leaf field as ``{"model.lora.rank": annotation}``."""
-    out: dict[str, Any] = {}
-    hints = typing.get_type_hints(cls)
-    for f in dataclasses.fields(cls):
-        path = f"{prefix}{f.name}"
-        if _is_dataclass_type(hints[f.name]):
-            out.update(leaf_paths(hints[f.name], path + "."))
-        else:
-            out[path] = hints[f.name]
-    return out
-
-
-def _resolve_key(key: str) -> str:
-    """``model.lora.rank`` stays; a flat ``batch_size`` becomes ``train.batch_size`` when the leaf name is unique."""
-    paths = leaf_paths()
-    if key in paths:
-        return key
-    matches = [p for p in paths if p.split(".")[-1] == key or p.endswith("." + key)]
-    if len(matches) == 1:
-        return matches[0]
-    if not matches:
-        raise ConfigError(f"unknown config option --{key}")
-    raise ConfigError(f"ambiguous option --{key}: write one of " + ", ".join("--" + m for m in matches))
-
-
-def _set_path(tree: dict, dotted: str, value: Any) -> None:
-    parts = dotted.split(".")
-    node = tree
-    for p in parts[:-1]:
-        child = node.get(p)
-        if not isinstance(child, dict):
-            child = {}
-            node[p] = child
-        node = child
-    node[parts[-1]] = value
+# Reading configs: YAML files and command lines (loravl.config_parsing does the generic part)
 
 
 def parse_overrides(args: list[str]) -> dict:
-    """``["--model.lora.rank", "32", "--batch_size=64"]`` -> a nested dict. Values are read as YAML scalars."""
-    tree: dict = {}
-    i = 0
-    while i < len(args):
-        arg = args[i]
-        if not arg.startswith("--"):
-            raise ConfigError(f"unexpected argument {arg!r}: options are written --name value")
-        if "=" in arg:
-            key, raw = arg[2:].split("=", 1)
-            i += 1
-        else:
-            key = arg[2:]
-            if i + 1 >= len(args) or args[i + 1].startswith("--"):
-                raw = "true"  # a bare flag: --do_sample
-                i += 1
-            else:
-                raw = args[i + 1]
-                i += 2
-        path = _resolve_key(key)
-        try:
-            value = yaml.safe_load(raw)
-        except yaml.YAMLError:
-            value = raw
-        annotation = leaf_paths()[path]
-        # Keep strings as typed where a string is wanted ("001" stays "001").
-        if annotation is str or annotation == Optional[str]:
-            value = raw if raw.lower() not in ("null", "none") else None
-        _set_path(tree, path, value)
-    return tree
-
-
-def _merge(base: dict, update: dict) -> dict:
-    out = dict(base)
-    for k, v in update.items():
-        if isinstance(v, dict) and isinstance(out.get(k), dict):
-            out[k] = _merge(out[k], v)
-        else:
-            out[k] = v
-    return out
+    """``["--model.lora.rank", "32", "--batch_size=64"]`` -> a nested dict of ``RunConfig`` paths."""
+    return parse_overrides_for(RunConfig, args)
 
 
 def load_config(path: Optional[str | Path] = None, overrides: Optional[list[str]] = None) -> RunConfig:
@@ -524,18 +412,18 @@ def load_config(path: Optional[str | Path] = None, overrides: Optional[list[str]
             raise ConfigError(f"{path}: not valid YAML: {e}") from e
         if not isinstance(loaded, dict):
             raise ConfigError(f"{path}: the top level must be a mapping")
-        tree = loaded
+        tree = upgrade_keys(RunConfig, loaded)
     if overrides:
-        tree = _merge(tree, parse_overrides(overrides))
+        tree = merge(tree, parse_overrides(overrides))
     try:
-        return _from_dict(RunConfig, tree).validate()
+        return from_dict(RunConfig, tree).validate()
     except ConfigError as e:
         where = f"{path}: " if path is not None else ""
         raise ConfigError(f"{where}{e}") from None
 
 
 def config_from_dict(tree: dict) -> RunConfig:
-    return _from_dict(RunConfig, tree).validate()
+    return from_dict(RunConfig, tree).validate()
 
 
 def save_config(cfg: RunConfig, path: str | Path) -> None:

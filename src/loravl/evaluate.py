@@ -26,8 +26,9 @@ from typing import TYPE_CHECKING, Any, Iterable, Optional, Sequence, Union
 
 import torch
 
-from loravl.config import ConfigError, RunConfig, load_config, parse_overrides
-from loravl.generate import autocast_for, generate_captions, model_device
+from loravl.config import ConfigError, DataConfig, RunConfig, load_config, parse_overrides
+from loravl.device import bf16_autocast
+from loravl.generate import generate_captions, model_device
 
 if TYPE_CHECKING:
     from loravl.model import VisionLanguageModel
@@ -217,7 +218,8 @@ class _Collected:
     captions: list[str]
 
 
-def _as_batches(data: Any, cfg: RunConfig, batch_size: int, num_workers: Optional[int]) -> Iterable[dict]:
+def _as_batches(data: Any, data_cfg: DataConfig, batch_size: int, seed: int,
+                num_workers: Optional[int]) -> Iterable[dict]:
     """A loader (anything yielding batch dicts with ``all_captions``) is used as is; a dataset gets an eval loader
     from the data layer."""
     from torch.utils.data import Dataset
@@ -225,8 +227,7 @@ def _as_batches(data: Any, cfg: RunConfig, batch_size: int, num_workers: Optiona
     if isinstance(data, Dataset):
         from loravl.data.loader import build_dataloader
 
-        return build_dataloader(data, cfg.data, batch_size, train=False, seed=cfg.train.seed,
-                                num_workers=num_workers)
+        return build_dataloader(data, data_cfg, batch_size, train=False, seed=seed, num_workers=num_workers)
     return data
 
 
@@ -249,7 +250,7 @@ def _collect(model: "VisionLanguageModel", batches: Iterable[dict], *, caption: 
                 break
             continue
         pixel_values = batch["pixel_values"][keep].to(device, non_blocking=True)
-        with autocast_for(device):
+        with bf16_autocast(device):
             image = model.encode_image(pixel_values)
         feats.append(image["image_feat"].float())
         tokens.append(image["image_tokens"])
@@ -273,7 +274,7 @@ def _encode_texts(model: "VisionLanguageModel", texts: list[str], batch_size: in
     for start in range(0, len(texts), batch_size):
         tokens = model.tokenizer(texts[start:start + batch_size])
         ids, mask = tokens["input_ids"].to(device), tokens["attention_mask"].to(device)
-        with autocast_for(device):
+        with bf16_autocast(device):
             text = model.encode_text(ids, mask)
         feats.append(text["text_feat"].float())
         states.append(text["text_states"])
@@ -290,23 +291,22 @@ def image_paths_by_id(data: Any) -> dict[int, str]:
     return {int(i): str(p) for i, p in zip(ids, images) if isinstance(p, str)}
 
 
-def evaluate_model(model: "VisionLanguageModel", data: Any, cfg: RunConfig, *, k_test: int = 16,
-                   itm_rerank_enabled: bool = True, caption: bool = True, max_new_tokens: int = 30,
-                   num_beams: int = 1, batch_size: Optional[int] = None, num_workers: Optional[int] = None,
+def evaluate_model(model: "VisionLanguageModel", data: Any, data_cfg: DataConfig, *, batch_size: int = 64,
+                   seed: int = 0, k_test: int = 16, itm_rerank_enabled: bool = True, caption: bool = True,
+                   max_new_tokens: int = 30, num_beams: int = 1, num_workers: Optional[int] = None,
                    max_images: Optional[int] = None, return_captions: bool = False,
                    log_samples: int = 3) -> dict[str, Any]:
     """Retrieval and captioning metrics of ``model`` on a validation dataset or eval loader (one process; call it on
-    rank 0). Keys: ``i2t_r{1,5,10}``, ``t2i_r{1,5,10}``, ``r_mean`` (ITC), the same prefixed ``itm_`` when
+    rank 0). ``data_cfg`` and ``seed`` build the loader where ``data`` is a dataset. Keys: ``i2t_r{1,5,10}``, ``t2i_r{1,5,10}``, ``r_mean`` (ITC), the same prefixed ``itm_`` when
     re-ranked, ``exact_match``, ``bleu_1..4``, ``cider``, ``num_images``, ``num_texts``, ``eval_seconds``; with
     ``return_captions`` also ``samples``: [{image_id, image (path, when known), caption, references}].
     The first ``log_samples`` generated captions are logged (INFO, logger ``loravl.evaluate``).
     The model's train/eval mode is restored afterwards."""
     started = time.perf_counter()
-    batch_size = batch_size or cfg.train.batch_size
     was_training = model.training
     model.eval()
     try:
-        collected = _collect(model, _as_batches(data, cfg, batch_size, num_workers), caption=caption,
+        collected = _collect(model, _as_batches(data, data_cfg, batch_size, seed, num_workers), caption=caption,
                              max_images=max_images,
                              generate_kwargs={"max_new_tokens": max_new_tokens, "num_beams": num_beams})
         texts = [text for refs in collected.references for text in refs]
@@ -317,7 +317,7 @@ def evaluate_model(model: "VisionLanguageModel", data: Any, cfg: RunConfig, *, k
         positive = same_caption_mask(collected.references, texts)
         metrics: dict[str, Any] = dict(retrieval_recall(sim_i2t, text_to_image, positive=positive))
         if itm_rerank_enabled and k_test > 0:
-            with autocast_for(model_device(model)):
+            with bf16_autocast(model_device(model)):
                 score_i2t, score_t2i = itm_rerank(model, sim_i2t, collected.image_tokens, text_states, text_mask,
                                                   k_test)
             metrics.update({f"itm_{k}": v for k, v in
@@ -391,13 +391,15 @@ def build_arg_parser() -> argparse.ArgumentParser:
 def main(argv: Optional[Sequence[str]] = None) -> int:
     args, overrides = build_arg_parser().parse_known_args(argv)
     from loravl.data.loader import build_dataset
-    from loravl.generate import load_model_for_inference, quiet_library_output, resolve_device
+    from loravl.device import resolve_device
+    from loravl.generate import quiet_library_output
+    from loravl.loading import load_model
 
     quiet_library_output()
 
     try:
         device = resolve_device(args.device)
-        model, run_cfg = load_model_for_inference(args.checkpoint, device)
+        model, run_cfg = load_model(args.checkpoint, device)
     except (OSError, ValueError, RuntimeError) as e:
         print(f"error: cannot load {args.checkpoint}: {e}", file=sys.stderr)
         return 2
@@ -410,9 +412,10 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     except ConfigError as e:  # DataFormatError (a missing val file) is one too
         print(f"config error: {e}", file=sys.stderr)
         return 2
-    metrics = evaluate_model(model, dataset, run_cfg, k_test=args.k_test, itm_rerank_enabled=not args.no_itm,
+    metrics = evaluate_model(model, dataset, run_cfg.data, batch_size=args.batch_size or run_cfg.train.batch_size,
+                             seed=run_cfg.train.seed, k_test=args.k_test, itm_rerank_enabled=not args.no_itm,
                              caption=not args.no_caption, max_new_tokens=args.max_new_tokens,
-                             num_beams=args.num_beams, batch_size=args.batch_size, num_workers=args.num_workers,
+                             num_beams=args.num_beams, num_workers=args.num_workers,
                              max_images=args.max_images, return_captions=args.show > 0, log_samples=0)
     samples = metrics.pop("samples", [])
     for sample in samples[: args.show]:

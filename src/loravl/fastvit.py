@@ -36,7 +36,7 @@ from torch import nn
 from transformers.modeling_outputs import BaseModelOutput
 
 from .config import ConfigError, LoraConfig, VisionConfig
-from .vision import InjectionSummary, injection_summary
+from .lora import InjectionSummary, injection_summary
 
 FASTVIT_STAGES = (0, 1, 2, 3)
 

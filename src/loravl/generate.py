@@ -8,7 +8,6 @@ transformers' ``generate()`` (greedy, beam search or sampling), under bf16 autoc
 from __future__ import annotations
 
 import argparse
-import contextlib
 import glob
 import json
 import os
@@ -22,6 +21,7 @@ import torch
 from PIL import Image
 
 from loravl.config import DataConfig
+from loravl.device import bf16_autocast, resolve_device
 from loravl.data.formats import IMAGE_EXTENSIONS
 from loravl.data.images import build_transform, load_rgb_image, to_rgb
 from loravl.data.skips import Skip
@@ -50,23 +50,6 @@ class ImageReadError(ValueError):
 # -- devices and generation options -------------------------------------------------------------------------------
 
 
-def resolve_device(name: Optional[str] = None) -> torch.device:
-    """``None``/"auto": the GPU when there is one, else the CPU."""
-    if name in (None, "", "auto"):
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    device = torch.device(name)
-    if device.type == "cuda" and not torch.cuda.is_available():
-        raise ValueError(f"device {name!r} asked for, but no CUDA device is available")
-    return device
-
-
-def autocast_for(device: torch.device) -> contextlib.AbstractContextManager:
-    """bf16 autocast on GPUs that have it (fp16 would need loss scaling we do not have at inference); fp32 on CPU."""
-    if device.type == "cuda" and torch.cuda.is_bf16_supported():
-        return torch.autocast("cuda", dtype=torch.bfloat16)
-    return contextlib.nullcontext()
-
-
 def generation_kwargs(num_beams: int = 1, do_sample: bool = False, top_p: Optional[float] = None,
                       top_k: Optional[int] = None, temperature: Optional[float] = None,
                       compile: bool = False) -> dict[str, Any]:
@@ -89,18 +72,6 @@ def generation_kwargs(num_beams: int = 1, do_sample: bool = False, top_p: Option
     return kwargs
 
 
-def load_model_for_inference(path: Union[str, os.PathLike], device: torch.device
-                             ) -> tuple["VisionLanguageModel", Any]:
-    """``loravl.checkpoint.load_model``, also accepting the ``latest`` pointer file itself
-    (``checkpoints/stage1/latest``) as a name for its checkpoint dir."""
-    from loravl.checkpoint import LATEST, load_model
-
-    path = Path(path)
-    if path.is_file() and path.name == LATEST:
-        path = path.parent
-    return load_model(path, device)
-
-
 def model_device(model: torch.nn.Module) -> torch.device:
     return next(model.parameters()).device
 
@@ -113,7 +84,7 @@ def generate_captions(model: "VisionLanguageModel", pixel_values: torch.Tensor, 
     pixel_values = pixel_values.to(device, non_blocking=True)
     # <bos> and <pad> are never caption tokens; an undertrained model may still loop on <bos>, which decodes to ""
     generate_kwargs.setdefault("suppress_tokens", [model.tokenizer.bos_id, model.tokenizer.pad_id])
-    with autocast_for(device):
+    with bf16_autocast(device):
         return model.generate(pixel_values, max_new_tokens=max_new_tokens, **generate_kwargs)
 
 
@@ -296,6 +267,8 @@ def quiet_library_output() -> None:
 
 def main(argv: Optional[Sequence[str]] = None) -> int:
     """Exit status 0 when at least one image was captioned, 1 when none was."""
+    from loravl.loading import load_model
+
     args = build_arg_parser().parse_args(argv)
     quiet_library_output()
     try:
@@ -313,7 +286,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         return 1
 
     try:
-        model, run_cfg = load_model_for_inference(args.checkpoint, device)
+        model, run_cfg = load_model(args.checkpoint, device)
     except (OSError, ValueError, RuntimeError) as e:  # missing folder, bad config, weights that do not match
         print(f"error: cannot load {args.checkpoint}: {e}", file=sys.stderr)
         return 2

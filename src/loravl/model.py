@@ -199,19 +199,6 @@ class VisionLanguageModel(nn.Module):
         return {"past_key_values": cache, **({"compile_config": CompileConfig(fullgraph=True)}
                                              if device.type == "cuda" else {})}
 
-    def caption(self, images, **kwargs) -> list[str]:
-        """Captions for PIL images or image paths (one or a list); see ``loravl.generate.caption``."""
-        from .generate import caption
-
-        return caption(self, images, **kwargs)
-
-    @classmethod
-    def from_pretrained(cls, path, device: str | torch.device = "cpu") -> "VisionLanguageModel":
-        """A model in eval mode from a checkpoint folder, a checkpoint dir or an exported folder."""
-        from .checkpoint import load_model
-
-        return load_model(path, device)[0]
-
     # -- training forward ---------------------------------------------------------------------------------------
 
     def forward(self, pixel_values: torch.Tensor, input_ids: torch.Tensor, attention_mask: torch.Tensor,

@@ -2,7 +2,7 @@
 
 Backbones: a DINOv2 (transformers folder or hub name), a stage-1 loravl checkpoint (its vision encoder with the
 stage-1 LoRA merged in) or a timm FastViT name. Adapters:
-  lora     PEFT LoRA on attention and MLP projections (resolved with loravl.vision.resolve_target_modules);
+  lora     PEFT LoRA on attention and MLP projections (resolved with loravl.lora.resolve_target_modules);
            on FastViT, ConvLoRA on every dense stage conv (loravl.fastvit)
   lora_fa  the same layers, A frozen, B trained with LoRA-FA's gradient correction (loravl.lora_fa)
   bitfit   every bias of the backbone
@@ -25,7 +25,8 @@ from torch import nn
 from ..config import ConfigError, LoraConfig, VisionConfig
 from ..fastvit import FastVitTokens, create_fastvit, dense_conv_names, is_fastvit_backbone
 from ..lora_fa import apply_lora_fa
-from ..vision import InjectionSummary, injection_summary, load_dinov2, peft_lora_config, resolve_target_modules
+from ..lora import InjectionSummary, injection_summary, peft_lora_config, resolve_target_modules
+from ..vision import load_dinov2
 
 ADAPTERS = ("lora", "lora_fa", "bitfit", "prompt", "full", "linear")
 # Full fine-tuning moves pretrained weights, so it gets the smallest step; the head alone can take a large one.
@@ -118,7 +119,7 @@ def load_backbone(spec: str, random_init: bool = False) -> tuple[nn.Module, str]
 
 
 def _stage1_backbone(path: str) -> tuple[nn.Module, str]:
-    from ..checkpoint import load_model
+    from ..loading import load_model
 
     vlm, cfg = load_model(path)
     encoder = vlm.vision.model

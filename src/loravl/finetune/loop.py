@@ -10,6 +10,7 @@ import torch
 import torch.nn.functional as F
 from torch.utils.data import DataLoader
 
+from ..device import bf16_autocast, resolve_device
 from .adapters import DEFAULT_LR, LORA_PRESETS, ImageClassifier, build_classifier
 from .data import ClassificationData, load_classification_data
 
@@ -61,21 +62,10 @@ class FinetuneResult:
         return asdict(self)
 
 
-def _device(name: str) -> torch.device:
-    if name == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    return torch.device(name)
-
-
-def _autocast(device: torch.device):
-    enabled = device.type == "cuda" and torch.cuda.is_bf16_supported()
-    return torch.autocast(device.type, dtype=torch.bfloat16, enabled=enabled)
-
-
 def train_step(model: ImageClassifier, optimizer: torch.optim.Optimizer, pixel_values: torch.Tensor,
                labels: torch.Tensor) -> tuple[float, int]:
     """One optimizer step; returns (loss, correct predictions)."""
-    with _autocast(pixel_values.device):
+    with bf16_autocast(pixel_values.device):
         logits = model(pixel_values)
     loss = F.cross_entropy(logits.float(), labels)
     optimizer.zero_grad(set_to_none=True)
@@ -90,7 +80,7 @@ def evaluate(model: ImageClassifier, loader: DataLoader, device: torch.device) -
     correct = seen = 0
     for pixel_values, labels in loader:
         pixel_values, labels = pixel_values.to(device), labels.to(device)
-        with _autocast(device):
+        with bf16_autocast(device):
             correct += int((model(pixel_values).argmax(dim=1) == labels).sum())
         seen += labels.numel()
     return correct / max(seen, 1)
@@ -108,7 +98,7 @@ def build_optimizer(model: ImageClassifier, adapter_lr: float, head_lr: float,
 
 def run_finetune(cfg: FinetuneConfig, data: Optional[ClassificationData] = None, log=print) -> FinetuneResult:
     torch.manual_seed(cfg.seed)
-    device = _device(cfg.device)
+    device = resolve_device(cfg.device)
     data = data or load_classification_data(cfg.data, cfg.image_size, cfg.seed, download_root=cfg.download_root)
     rank, alpha = cfg.lora_rank_alpha()
     model = build_classifier(cfg.backbone, data.num_classes, cfg.adapter, cfg.random_init, rank=rank, alpha=alpha,

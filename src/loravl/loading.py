@@ -1,4 +1,5 @@
-"""Exporting a trained model as a self-contained folder, and loading it back.
+"""A trained model for inference: exported as a self-contained folder, and loaded back from an export, a training
+checkpoint or a checkpoint dir. This module imports the model; the model and the checkpoints never import it.
 
     <export>/loravl_export.json       format marker, whether LoRA is merged
     <export>/config.yaml               the RunConfig (paths below are relative to the folder)
@@ -22,14 +23,40 @@ import torch
 from peft import set_peft_model_state_dict
 from safetensors.torch import load_file
 
-from .checkpoint import (EXPORT_MARKER, MODEL_FILE, TMP_PREFIX, build_model, caption_tokenizer, load_weights_into,
-                         read_weights, save_weights)
-from .config import RunConfig, config_from_dict, save_config
+from .checkpoint import (EXPORT_MARKER, LATEST, MODEL_FILE, TMP_PREFIX, ModelWeights, load_weights_into, read_weights,
+                         resolve_checkpoint, save_weights)
+from .config import RunConfig, TextConfig, config_from_dict, load_config, save_config
 from .model import VisionLanguageModel
+from .text import CaptionTokenizer, load_tokenizer
 
 BACKBONE_DIR = "vision_backbone"
 ADAPTER_DIR = "vision_adapter"
 TOKENIZER_DIR = "tokenizer"
+
+
+def caption_tokenizer(path: str | Path, text: TextConfig) -> CaptionTokenizer:
+    """The caption tokenizer saved at ``path``, padding and truncating to ``text.max_length``."""
+    return CaptionTokenizer(load_tokenizer(path), text.max_length)
+
+
+def load_model(path: str | os.PathLike, device: str | torch.device = "cpu") -> tuple[VisionLanguageModel, RunConfig]:
+    """A model in eval mode, and its config, from a training checkpoint folder, a checkpoint dir (its ``latest``),
+    the ``latest`` pointer file itself, or a folder written by ``export_model`` (LoRA merged or not)."""
+    path = Path(path)
+    if path.is_file() and path.name == LATEST:
+        path = path.parent
+    folder = resolve_checkpoint(path)
+    if (folder / EXPORT_MARKER).is_file():
+        model, cfg = _load_exported(folder)
+    else:
+        cfg = load_config(folder / "config.yaml")
+        cfg.model.text.tokenizer = str(folder / "tokenizer")
+        if cfg.model.vision.random_init:
+            # The whole encoder is in the checkpoint; only the architecture is needed.
+            cfg.model.vision.pretrained = str(folder / "vision_config")
+        model = VisionLanguageModel(cfg.model, caption_tokenizer(folder / "tokenizer", cfg.model.text))
+        ModelWeights(model).load(folder / MODEL_FILE)
+    return model.to(device).eval(), cfg
 
 
 def _non_vision_state(model: VisionLanguageModel) -> dict[str, torch.Tensor]:
@@ -38,7 +65,8 @@ def _non_vision_state(model: VisionLanguageModel) -> dict[str, torch.Tensor]:
 
 @torch.no_grad()
 def export_model(model: VisionLanguageModel, cfg: RunConfig, out_dir: str | Path, merge_lora: bool = False) -> Path:
-    """Write ``model`` to ``out_dir`` (replaced atomically). The model itself is not modified."""
+    """Write ``model`` to ``out_dir`` (replaced atomically). The model itself is not modified. ``cfg`` is the run's
+    whole config: it is written beside the weights, so that ``load_model`` rebuilds the same model."""
     out_dir = Path(out_dir)
     tmp = out_dir.parent / f"{TMP_PREFIX}{out_dir.name}"
     shutil.rmtree(tmp, ignore_errors=True)
@@ -65,15 +93,12 @@ def export_model(model: VisionLanguageModel, cfg: RunConfig, out_dir: str | Path
     return out_dir
 
 
-def load_exported(folder: str | Path) -> tuple[VisionLanguageModel, RunConfig]:
-    folder = Path(folder)
+def _load_exported(folder: Path) -> tuple[VisionLanguageModel, RunConfig]:
     info = json.loads((folder / EXPORT_MARKER).read_text())
-    from .config import load_config
-
     cfg = load_config(folder / "config.yaml")
     cfg.model.vision.pretrained = str(folder / BACKBONE_DIR)
     cfg.model.text.tokenizer = str(folder / TOKENIZER_DIR)
-    model = build_model(cfg, caption_tokenizer(folder / TOKENIZER_DIR, cfg))
+    model = VisionLanguageModel(cfg.model, caption_tokenizer(folder / TOKENIZER_DIR, cfg.model.text))
     vision_keys = {k for k in model.state_dict() if k.startswith("vision.")}
     load_weights_into(model, read_weights(folder / MODEL_FILE), allowed_missing=vision_keys)
     if not info["lora_merged"]:

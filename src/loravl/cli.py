@@ -1,0 +1,48 @@
+"""The console scripts (``pyproject.toml``) and the entry scripts in ``src/``: each parses its arguments and calls
+one function. Heavy imports happen inside, so a config error is reported before torch loads."""
+from __future__ import annotations
+
+import sys
+from typing import Optional, Sequence
+
+
+def train(argv: Optional[Sequence[str]] = None) -> None:
+    """``loravl-train`` / ``src/train_stage1_vision_language.py``: without ``--config``, configs/stage1.yaml."""
+    from .config import ConfigError, main_config
+
+    cfg = main_config(None if argv is None else list(argv), default_path="configs/stage1.yaml")
+    from .train import train as run_training
+
+    try:
+        run_training(cfg)
+    except ConfigError as e:
+        print(f"config error: {e}", file=sys.stderr)
+        raise SystemExit(2)
+
+
+def caption(argv: Optional[Sequence[str]] = None) -> int:
+    """``loravl-caption`` / ``src/generate_captions.py``."""
+    from .generate import main
+
+    return main(argv)
+
+
+def evaluate(argv: Optional[Sequence[str]] = None) -> int:
+    """``loravl-evaluate`` / ``src/evaluate.py``."""
+    from .evaluate import main
+
+    return main(argv)
+
+
+def finetune(argv: Optional[Sequence[str]] = None) -> int:
+    """``loravl-finetune`` / ``src/finetune_classifier.py``."""
+    from .finetune.cli import main
+
+    return main(argv)
+
+
+def shrink(argv: Optional[Sequence[str]] = None) -> int:
+    """``loravl-shrink`` / ``src/shrink_images.py``."""
+    from .data.shrink import main
+
+    return main(argv)

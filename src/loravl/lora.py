@@ -1,0 +1,108 @@
+"""LoRA through PEFT, shared by every backbone (DINOv2, FastViT, the fine-tuning backbones): which layers a user's
+target names mean in the model in hand, PEFT's config, and the summary of what was injected where."""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from peft import LoraConfig as PeftLoraConfig
+from torch import nn
+
+from .config import ConfigError, LoraConfig
+
+# transformers renamed DINOv2's projections (query/key/value/dense up to 5.17, q_proj/k_proj/v_proj/o_proj from
+# 5.23); a user may write either. Each group lists the names of one projection.
+MODULE_NAME_ALIASES: tuple[tuple[str, ...], ...] = (
+    ("query", "q_proj"),
+    ("key", "k_proj"),
+    ("value", "v_proj"),
+    ("dense", "o_proj", "out_proj"),
+    ("fc1",),
+    ("fc2",),
+)
+ATTENTION_NAMES = {"query", "q_proj", "key", "k_proj", "value", "v_proj", "dense", "o_proj", "out_proj"}
+MLP_NAMES = {"fc1", "fc2"}
+
+
+def _adaptable_leaf_names(model: nn.Module) -> set[str]:
+    return {name.rsplit(".", 1)[-1] for name, m in model.named_modules() if isinstance(m, (nn.Linear, nn.Conv2d))}
+
+
+def resolve_target_modules(model: nn.Module, requested: list[str]) -> list[str]:
+    """Map the user's module names onto the names this model (this transformers release) actually uses."""
+    available = _adaptable_leaf_names(model)
+    resolved: list[str] = []
+    for name in requested:
+        if name in available:
+            candidates = [name]
+        else:
+            group = next((g for g in MODULE_NAME_ALIASES if name in g), (name,))
+            candidates = [alias for alias in group if alias in available]
+        if not candidates:
+            raise ConfigError(
+                f"model.vision.lora.target_modules: {name!r} matches no Linear/Conv2d layer of "
+                f"{type(model).__name__}; its layer names are: {', '.join(sorted(available))}"
+            )
+        for c in candidates:
+            if c not in resolved:
+                resolved.append(c)
+    return resolved
+
+
+def peft_lora_config(lora: LoraConfig, target_modules: list[str]) -> PeftLoraConfig:
+    return PeftLoraConfig(
+        r=lora.rank,
+        lora_alpha=lora.alpha,
+        lora_dropout=lora.dropout,
+        target_modules=target_modules,
+        bias="none",
+    )
+
+
+@dataclass
+class InjectionSummary:
+    adapted_modules: list[str]
+    counts_by_kind: dict[str, int]
+    rank: int
+    alpha: int
+    trainable_params: int
+    total_params: int
+
+    @property
+    def trainable_percent(self) -> float:
+        return 100.0 * self.trainable_params / max(self.total_params, 1)
+
+    def format(self, max_listed: int = 8) -> str:
+        kinds = ", ".join(f"{k}: {v}" for k, v in sorted(self.counts_by_kind.items()))
+        listed = self.adapted_modules[:max_listed]
+        more = len(self.adapted_modules) - len(listed)
+        lines = [
+            f"LoRA injected into {len(self.adapted_modules)} modules ({kinds}), rank={self.rank}, alpha={self.alpha}",
+            *[f"  {name}" for name in listed],
+        ]
+        if more > 0:
+            lines.append(f"  ... and {more} more")
+        lines.append(
+            f"LoRA parameters: {self.trainable_params:,} of {self.total_params:,} "
+            f"({self.trainable_percent:.3f}%)"
+        )
+        return "\n".join(lines)
+
+
+def module_kind(name: str, module: nn.Module) -> str:
+    leaf = name.rsplit(".", 1)[-1]
+    if isinstance(module, nn.Conv2d) and leaf not in MLP_NAMES:  # a conv MLP (FastViT's ConvMlp) counts as mlp
+        return "conv"
+    return "attention" if leaf in ATTENTION_NAMES else "mlp"
+
+
+def injection_summary(model: nn.Module, lora: LoraConfig) -> InjectionSummary:
+    """What LoRA was put where, and the parameter budget as PEFT counts it (LoRA weights / all weights)."""
+    adapted, kinds = [], {}
+    for name, module in model.named_modules():
+        if hasattr(module, "lora_A") and hasattr(module, "base_layer"):
+            adapted.append(name)
+            kind = module_kind(name, module.base_layer)
+            kinds[kind] = kinds.get(kind, 0) + 1
+    lora_params = sum(p.numel() for n, p in model.named_parameters() if "lora_" in n)
+    total = sum(p.numel() for p in model.parameters())
+    return InjectionSummary(adapted, kinds, lora.rank, lora.alpha, lora_params, total)
