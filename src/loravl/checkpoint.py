@@ -136,9 +136,8 @@ def _dedupe_shared(state: dict[str, torch.Tensor]) -> tuple[dict[str, torch.Tens
 
 class CpuStaging:
     """The CPU copies a background save writes, into buffers kept from one save to the next (page-locked for GPU
-    tensors, so the copies run at the bus's rate without a sync each). On an H200 host a save of the default
-    model's 801 MB held the training thread 0.03 s, against 0.54-0.59 s copying into new memory (which the first
-    save still does) and 1.0-1.6 s written in place (BENCHMARKS.md, thirteenth session).
+    tensors, so the copies run at the bus's rate without a sync each): allocating and faulting in new memory at
+    every save cost more than the copy itself (BENCHMARKS.md, checkpoint row; the first save still allocates).
 
     A save may reuse the buffers only once the write of the one before is done: ``Checkpointer.save`` waits for it
     before copying. What the training does to its own tensors afterwards leaves the copies as they were."""

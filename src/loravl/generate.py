@@ -247,8 +247,7 @@ def build_arg_parser() -> argparse.ArgumentParser:
     parser.add_argument("--seed", type=int, default=None, help="seed for --do_sample")
     parser.add_argument("--compile", action="store_true",
                         help="on a GPU: compiled encoder, static KV cache and a compiled decoding step (CUDA "
-                             "graphs); the first batch compiles, later ones ran 1.7-2.6x faster on an H100 "
-                             "(BENCHMARKS.md)")
+                             "graphs); the first batch compiles, later ones run faster (BENCHMARKS.md)")
     parser.add_argument("--output", default=None, help="also write JSONL lines {image, caption}")
     parser.add_argument("--device", default=None, help="cpu, cuda, cuda:1 (default: cuda when available)")
     parser.add_argument("--num_workers", type=int, default=None, help="image decoding threads")

@@ -62,8 +62,7 @@ class MetricsLogger:
     SCALARS = (*LOSS_NAMES, "grad_norm")
     READ_BACK_LAG = 2  # steps between a read-back's start and its writing
     # A hint, once a run, when this many log lines in a row waited this share of their interval or more for data:
-    # an epoch's start waited for a line or two (13-19% on an H200 before the train loader ran on across epochs,
-    # 2-3% since), a loader-bound run every line (23-54%).
+    # an epoch's start waits for a line or two, a loader-bound run every line (BENCHMARKS.md, loader rows).
     LOADER_BOUND_LINES, LOADER_BOUND_WAIT = 3, 0.2
 
     def __init__(self, logging_cfg: LoggingConfig, max_bad_steps: int, env: DistributedEnv, total_steps: int,
@@ -201,9 +200,9 @@ class MetricsLogger:
         self._hint_if_loader_bound(data_wait)
         if self.jsonl is not None:
             self.jsonl.flush()
-            # TensorBoard gets each log interval's mean (its steps that were not skipped), not every step: a
-            # scalar costs ~70 us of Python, and ten steps' worth took 18 ms of the host's time on the H200 while
-            # the GPU waited (bench/trace_gaps.py on a train.profile_dir trace). steps.jsonl keeps every step.
+            # TensorBoard gets each log interval's mean (its steps that were not skipped), not every step: every
+            # scalar is Python time on the host while the GPU may wait (seen in a train.profile.dir trace with
+            # bench/trace_gaps.py). steps.jsonl keeps every step.
             for name in self.SCALARS:
                 if self.interval_steps:
                     self.writer.add_scalar(f"train/{name}", self.interval_sums[name] / self.interval_steps, step)

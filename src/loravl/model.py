@@ -106,7 +106,7 @@ class VisionLanguageModel(nn.Module):
         # Dynamo counts recompilations per code object, and transformers' forward wrappers are one code object for
         # every GPT-2 and DINOv2 instance: the text passes (unimodal, captioner, momentum, queue negatives) by grad
         # mode and caption width, and the encoder by phase, pass the default limit of 8, after which the rest runs
-        # eager with one warning (seen on the H100 in bench/cuda_graphs_check.py).
+        # eager with one warning (seen on an H100).
         torch._dynamo.config.recompile_limit = max(torch._dynamo.config.recompile_limit, 64)
         if scope == "forward":
             self._losses = torch.compile(self._losses, **kwargs)  # an instance attribute: not in the state dict

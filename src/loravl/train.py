@@ -325,7 +325,7 @@ def allocate_grads(params: list[nn.Parameter]) -> None:
     With CUDA graphs a backward's gradient lives in the graph's memory pool. Autograd installs the first gradient
     of a parameter without ``.grad`` by taking that tensor itself, and the next replay (the next micro-batch, or
     another graph that shares the pool) overwrites it: accumulated gradients go wrong, or the step stops with
-    "accessing tensor output of CUDAGraphs that has been overwritten" (pytorch#169545, bench/cuda_graphs_check.py).
+    "accessing tensor output of CUDAGraphs that has been overwritten" (pytorch#169545).
     Into an existing ``.grad`` autograd adds in place instead. Kept across steps by ``zero_grad(set_to_none=False)``.
     """
     for p in params:

@@ -34,8 +34,8 @@ def load_dinov2(cfg: VisionConfig) -> nn.Module:
             f"model.vision.pretrained: {cfg.pretrained!r} is a {hf_config.model_type!r} model; "
             f"expected one of {DINOV2_MODEL_TYPES}"
         )
-    # SDPA runs the attention as one kernel over all tokens. Keeping CLS out of cuDNN's kernel (bench/prefix_split.py)
-    # saved 1% where inductor tuned its merge well and lost 8% where the trainer's compile did not (BENCHMARKS.md).
+    # SDPA runs the attention as one kernel over all tokens: keeping CLS out of cuDNN's kernel was measured and not
+    # taken (BENCHMARKS.md, prefix split).
     if cfg.random_init:
         model = AutoModel.from_config(hf_config, attn_implementation=cfg.attn_implementation)
         set_sincos_position_embeddings(model.embeddings)
@@ -56,9 +56,8 @@ class GeluMLP(nn.Module):
     enough and needs no gradient: a frozen encoder (phase 1, evaluation, captioning) under CUDA bf16/fp16
     autocast.
 
-    The separate GELU kernel reads and writes the [tokens, 3072] activation: 1.7 ms of a phase-1 step on the H200
-    (bench/results/2026-12-01_h200_profile_phase1_forward_patch_matmul.txt); fused, the encoder took 1.5 ms less
-    (bench/step_parts.py). cuBLASLt's GELU is the tanh approximation: at most 4.7e-4 from the exact one (at
+    The separate GELU kernel reads and writes the [tokens, 3072] activation, a visible share of a phase-1 step
+    (bench/results/2026-12-01_h200_profile_phase1_forward_patch_matmul.txt). cuBLASLt's GELU is the tanh approximation: at most 4.7e-4 from the exact one (at
     x = -2.7), an eighth of bf16's rounding step at 1 (2^-8; half of fp16's), and autocast rounds both fc1's
     output and the GELU's to that precision anyway. Anywhere else (fp32, the CPU, gradients, LoRA on fc1) it is
     the plain MLP.
@@ -85,10 +84,10 @@ class PatchProjection(nn.Conv2d):
     """A patch embedding (a convolution whose stride is its kernel, no padding) as one matrix product.
 
     The same weights (names and shapes, so checkpoints are unchanged) and the same products, summed in another
-    order (equal to the convolution within float rounding). On the H100, cuDNN ran
-    DINOv2's 14x14 stride-14 convolution over a batch of 128 in 0.67 ms plus 0.29 ms of NCHW/NHWC layout
-    conversions (bench/results/2026-11-23_h100_profile_phase1_forward_run10.txt): a [B*256, 588] x [588, 768]
-    product is a small fraction of that, and the patch gather fuses into the pixel normalisation when compiled.
+    order (equal to the convolution within float rounding). cuDNN's strided convolution spent more in NCHW/NHWC
+    layout conversions than a [B*256, 588] x [588, 768] product takes
+    (bench/results/2026-11-23_h100_profile_phase1_forward_run10.txt), and the patch gather fuses into the pixel
+    normalisation when compiled.
     Returns ``[B, out, H/p, W/p]`` as the convolution does (a channels-last view: HF's flatten/transpose after
     it is then free). Pixels past the last whole patch are dropped, as the strided convolution drops them.
     """
@@ -194,7 +193,7 @@ class VisionEncoder(nn.Module):
 
         Autocast casts each of them to that dtype in every forward anyway, so the results are bit for bit the same
         (tests/test_vision.py), and no step reads 4 bytes and writes 2 for each of the backbone's 86M weights
-        again (BENCHMARKS.md has what that saves). The backbone is then meant to run under that autocast. Its
+        again. The backbone is then meant to run under that autocast. Its
         weights are never saved (they come from ``from_pretrained``), so checkpoints are unchanged; LoRA, norms,
         layer scales and embeddings stay fp32.
         """

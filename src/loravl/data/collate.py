@@ -19,7 +19,7 @@ class SharedBatchSlots:
     """Shared-memory batches the loader's workers reuse.
 
     A fresh shared-memory batch costs more than its copy: the worker's writes and the main process's reads each
-    fault in every page, some 0.1 ms a sample in the worker alone (BENCHMARKS.md). Each worker keeps a few slots
+    fault in every page. Each worker keeps a few slots
     instead. A slot is taken (flag 1) when a batch's pixels are written into it and released (flag 0) by
     ``CaptionLoader`` once they are copied out: into pinned memory by the pin thread (CUDA), or by
     ``CaptionLoader`` itself. The main process keeps its mapping of each slot (``SlotHandle``), so the next batch

@@ -7,7 +7,7 @@ the same world size and num_workers.
 
 A map-style train loader runs on from one epoch into the next: its workers decode the next epoch's first batches
 while the trainer ends an epoch (log, checkpoint, evaluation), instead of all starting on an empty queue at the
-epoch's first step (a third of a second's wait at each epoch start on an H200 host; BENCHMARKS.md).
+epoch's first step (BENCHMARKS.md, epoch start row).
 """
 from __future__ import annotations
 
@@ -213,7 +213,7 @@ def usable_cores() -> int:
 def resolve_num_workers(setting: Union[int, str]) -> int:
     """``data.num_workers``: a count as it is, or "auto": the cores this process may use, shared by the training
     processes on this host (torchrun's LOCAL_WORLD_SIZE), less one for the training process. JPEG decoding is
-    most of a worker's time, so a GPU's step rate needs about every core (BENCHMARKS.md)."""
+    most of a worker's time, so a GPU's step rate needs about every core (BENCHMARKS.md, loader rows)."""
     if setting != "auto":
         return int(setting)
     cores = usable_cores()

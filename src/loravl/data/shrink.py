@@ -8,7 +8,7 @@ Every file under the source folder is written to the same relative path under th
 - an image whose short side is over ``short_side`` is decoded as the loader decodes it (EXIF orientation applied,
   any mode to RGB, transparency on white), resized (Lanczos) to that short side and written in the format its name
   says: JPEG at ``quality``, chroma 4:2:0 as img2dataset and most prepared datasets store it, or 4:4:4 with
-  ``chroma_444`` (closer to the original, larger, and slower to decode; BENCHMARKS.md measures both);
+  ``chroma_444`` (closer to the original, larger, and slower to decode);
 - an image no larger, a GIF (a palette would change its colours), a file the loader would skip (it still skips
   and counts it), and every other file (annotations, manifests) are copied byte for byte, so annotations and manifests work unchanged from the copy;
 - a webdataset shard (``.tar``) is rewritten member by member, in order, by the same rules.
