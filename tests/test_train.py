@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import signal
 import subprocess
 import sys
@@ -313,6 +314,75 @@ def test_sigterm_mid_epoch_saves_and_exits_zero(tmp_path, data_root):
     step = int(saved.split("_")[1])
     assert step < 200 and step == max(read_steps(run_dir))
     assert (run_dir / "ckpt" / saved / "rank_0.pt").is_file() and (run_dir / "ckpt" / saved / "rank_1.pt").is_file()
+
+
+# Preemption: every way a scheduler, `timeout` or torchrun ends a job saves a complete checkpoint
+
+
+def start_run(args: list[str], nproc: int) -> subprocess.Popen:
+    """The trainer in a session of its own, as a batch scheduler starts a job: its process group is the job's."""
+    return subprocess.Popen(command(args, nproc=nproc), cwd=ROOT, env=child_env(), stdout=subprocess.PIPE,
+                            stderr=subprocess.STDOUT, text=True, start_new_session=True)
+
+
+def wait_for_steps(proc: subprocess.Popen, run_dir: Path, count: int, timeout: float = 120) -> None:
+    steps_file = run_dir / "logs" / "steps.jsonl"
+    deadline = time.time() + timeout
+    while not (steps_file.is_file() and len(steps_file.read_text().splitlines()) >= count):
+        assert proc.poll() is None and time.time() < deadline
+        time.sleep(0.2)
+
+
+def assert_saved_on_stop(run_dir: Path, signal_name: str, ranks: int) -> None:
+    text = log_text(run_dir)
+    match = re.search(r"Received (\S+|a stop signal on another rank): checkpoint saved at step (\d+) in [\d.]+s", text)
+    assert match, text[-2000:]
+    assert match.group(1) in (signal_name, "a") and int(latest(run_dir).split("_")[1]) == int(match.group(2))
+    saved = run_dir / "ckpt" / latest(run_dir)
+    assert all((saved / f"rank_{r}.pt").is_file() for r in range(ranks))
+    assert not [p for p in (run_dir / "ckpt").iterdir() if p.name.startswith(".tmp-")]
+
+
+def test_sigterm_to_the_process_group_saves_with_loader_workers(tmp_path, data_root):
+    """kill -TERM -- -PGID (SLURM, Kubernetes, `timeout` on a group): the loader's workers get the signal too. They
+    must not die first and take the trainer with them; the trainer finishes its step, saves, exits 0."""
+    run_dir = tmp_path / "run"
+    proc = start_run(run_args(run_dir, data_root, 32, "--train.epochs", "50", "--data.num_workers", "1"), nproc=1)
+    wait_for_steps(proc, run_dir, 2)
+    os.killpg(proc.pid, signal.SIGTERM)
+    output, _ = proc.communicate(timeout=120)
+    assert proc.returncode == 0, output[-3000:]
+    assert_saved_on_stop(run_dir, "SIGTERM", ranks=1)
+
+
+def test_sigterm_to_torchrun_saves_on_every_rank(tmp_path, data_root):
+    """SIGTERM to the launcher: torchrun signals each rank's process group (the rank and its loader workers) and
+    gives them 30 s before SIGKILL. Every rank saves the same step; the ranks exit 0."""
+    run_dir = tmp_path / "run"
+    proc = start_run(run_args(run_dir, data_root, 32, "--train.epochs", "50", "--data.num_workers", "1"), nproc=2)
+    wait_for_steps(proc, run_dir, 2)
+    os.kill(proc.pid, signal.SIGTERM)
+    output, _ = proc.communicate(timeout=120)
+    assert "exitcode  : -9" not in output and "forcefully exiting" not in output, output[-3000:]
+    assert_saved_on_stop(run_dir, "SIGTERM", ranks=2)
+
+
+def test_ranks_stop_and_save_when_the_launcher_is_killed(tmp_path, data_root):
+    """SIGKILL to torchrun leaves its ranks (in sessions of their own) without a launcher: each gets SIGTERM from
+    the kernel (a parent-death signal), saves and exits, instead of training on as an orphan."""
+    run_dir = tmp_path / "run"
+    proc = start_run(run_args(run_dir, data_root, 32, "--train.epochs", "50"), nproc=2)
+    wait_for_steps(proc, run_dir, 2)
+    ranks = _worker_pids(proc.pid)
+    assert set(ranks) == {0, 1}
+    os.kill(proc.pid, signal.SIGKILL)
+    proc.communicate(timeout=30)
+    deadline = time.time() + 120
+    while any(Path(f"/proc/{pid}").exists() and "Z" not in Path(f"/proc/{pid}/stat").read_text().split()[2]
+              for pid in ranks.values()):
+        assert time.time() < deadline, "ranks still running without their launcher"
+        time.sleep(0.5)
+    assert_saved_on_stop(run_dir, "SIGTERM", ranks=2)
 
 
 # Configuration errors

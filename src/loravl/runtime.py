@@ -6,6 +6,7 @@ import logging
 import os
 import random
 import signal
+import sys
 from dataclasses import dataclass
 from typing import Any, Optional
 
@@ -44,6 +45,8 @@ def init_distributed(tc: TrainConfig) -> DistributedEnv:
     device = torch.device("cuda", local_rank) if use_cuda else torch.device("cpu")
     if use_cuda:
         torch.cuda.set_device(device)
+    if "TORCHELASTIC_RUN_ID" in os.environ:  # started by torchrun
+        stop_with_launcher()
     ddp = world_size > 1 or tc.use_ddp
     if ddp and not dist.is_initialized():
         backend = "nccl" if use_cuda else "gloo"
@@ -74,6 +77,20 @@ def wrap_model(model: nn.Module, env: DistributedEnv) -> nn.Module:
 def barrier() -> None:
     if dist.is_initialized():
         dist.barrier()
+
+
+def stop_with_launcher() -> None:
+    """Under a launcher (torchrun starts each rank in a session of its own), a rank whose launcher dies gets SIGTERM,
+    so it saves and stops like any stopped run instead of training on as an orphan or hanging in a collective."""
+    if not sys.platform.startswith("linux"):
+        return
+    import ctypes
+
+    launcher = os.getppid()
+    pr_set_pdeathsig = 1
+    ctypes.CDLL(None, use_errno=True).prctl(pr_set_pdeathsig, int(signal.SIGTERM), 0, 0, 0)
+    if os.getppid() != launcher:  # it died before the request took effect
+        os.kill(os.getpid(), signal.SIGTERM)
 
 
 class StopSignal:

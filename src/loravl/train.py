@@ -113,7 +113,7 @@ def _train(cfg: RunConfig, env: DistributedEnv) -> VisionLanguageModel:
         last_saved_step = state.step
 
     model.train()
-    stopping = False
+    stopping, stop_started = False, time.perf_counter()
     while state.epoch < tc.epochs and state.step < total_steps and not stopping:
         if state.step_in_epoch == 0:  # a fresh epoch; mid-epoch, the loader's state was restored
             loader.set_epoch(state.epoch)
@@ -136,6 +136,8 @@ def _train(cfg: RunConfig, env: DistributedEnv) -> VisionLanguageModel:
             profiler.step_done(state.step)
 
             stopping = stop.requested() or (tc.stop_at_step is not None and state.step >= tc.stop_at_step)
+            if stopping:
+                stop_started = time.perf_counter()
             if steps_per_epoch is not None and state.step_in_epoch >= steps_per_epoch:
                 # The last step of the epoch: saved below as an epoch-end checkpoint, so no checkpoint ever
                 # holds an exhausted loader.
@@ -162,8 +164,9 @@ def _train(cfg: RunConfig, env: DistributedEnv) -> VisionLanguageModel:
     checkpointer.wait()  # the last checkpoint is complete, and latest names it
 
     finished = state.step >= total_steps or state.epoch >= tc.epochs
-    if stop.received:
-        logger.info("Received %s: checkpoint saved at step %d; exiting", stop.received, state.step)
+    if stop.received:  # preemption notice is short on clusters: say how long the save took
+        logger.info("Received %s: checkpoint saved at step %d in %.1fs; exiting", stop.received, state.step,
+                    time.perf_counter() - stop_started)
     elif finished:
         export_dir = Path(tc.checkpoint.export_dir or Path(tc.checkpoint.dir) / "export")
         if env.rank == 0:

@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import math
 import os
+import signal
 from typing import Any, Iterator, Optional, Union
 
 import torch
@@ -221,6 +222,14 @@ def resolve_num_workers(setting: Union[int, str]) -> int:
     return max(0, cores // processes - 1)
 
 
+def ignore_stop_signals(worker_id: int) -> None:
+    """A loader worker ignores SIGTERM and SIGINT. Schedulers, ``timeout``, Ctrl-C and torchrun signal the whole
+    process group; the trainer then finishes its step and saves, which needs the workers it would otherwise lose
+    first (a worker killed by a signal takes the trainer down with it). Workers still exit with the trainer."""
+    signal.signal(signal.SIGTERM, signal.SIG_IGN)
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+
+
 def build_dataloader(dataset: AnyCaptionDataset, cfg: DataConfig, batch_size: int, *, train: bool, seed: int,
                      rank: int = 0, world_size: int = 1, tokenize: Optional[Tokenize] = None,
                      drop_last: Optional[bool] = None, num_workers: Union[int, str, None] = None) -> CaptionLoader:
@@ -241,7 +250,8 @@ def build_dataloader(dataset: AnyCaptionDataset, cfg: DataConfig, batch_size: in
     collate = CaptionCollator(dataset.builder.image_size, tokenize=tokenize, keep_all_captions=not train,
                               slots=slots)
     workers = {"num_workers": num_workers, "collate_fn": collate, "pin_memory": pin_memory,
-               "persistent_workers": num_workers > 0, "prefetch_factor": cfg.prefetch_factor if num_workers else None}
+               "persistent_workers": num_workers > 0, "prefetch_factor": cfg.prefetch_factor if num_workers else None,
+               "worker_init_fn": ignore_stop_signals if num_workers else None}
     if isinstance(dataset, StreamingCaptionDataset):
         dataset.seed = seed
         dataset.shuffle = train
