@@ -17,7 +17,8 @@ ROOT = Path(__file__).resolve().parents[1]
 
 import torch
 
-from loravl.checkpoint import Checkpointer, ModelWeights, RNGState, TrainState
+from loravl.checkpoint import Checkpointer, RNGState, TrainState
+from loravl.weights import ModelWeights
 from loravl.config import ModelConfig, RunConfig, VisionConfig
 from loravl.model import VisionLanguageModel
 from common import random_word_tokenizer
@@ -53,7 +54,8 @@ def main() -> None:
                 torch.cuda.synchronize()
             started = time.perf_counter()
             folder = checkpointer.save(step, ModelWeights(model), shared={"optimizer": optimizer},
-                                       per_rank={"rng": RNGState()}, train_state=TrainState(step=step), run_config=cfg.to_dict(),
+                                       per_rank={"rng": RNGState()}, train_state=TrainState(step=step),
+                                       run_config=cfg.to_dict(),
                                        tokenizer=tokenizer)
             held = time.perf_counter() - started
             checkpointer.wait()

@@ -8,10 +8,10 @@ import pytest
 import torch
 
 from conftest import tiny_batch
-from loravl.checkpoint import (LATEST, Checkpointer, ModelWeights, RNGState, TrainState, list_checkpoints,
-                               read_train_state)
+from loravl.checkpoint import LATEST, Checkpointer, RNGState, TrainState, list_checkpoints, read_train_state
 from loravl.config import RunConfig
 from loravl.loading import export_model, load_model
+from loravl.weights import ModelWeights
 from loravl.model import VisionLanguageModel
 
 
@@ -129,11 +129,13 @@ def test_a_loader_state_from_before_the_continuous_loader_fails_naming_the_file(
     model = _trained_looking_model(cfg.model, tiny_tokenizer)
     checkpointer = Checkpointer(tmp_path / "ckpt", keep_last=2, rank=0, world_size=1)
     folder = checkpointer.save(1, ModelWeights(model), shared={}, per_rank={"loader": loader},
-                               train_state=TrainState(step=1, step_in_epoch=1), run_config=cfg.to_dict(), tokenizer=model.tokenizer)
+                               train_state=TrainState(step=1, step_in_epoch=1), run_config=cfg.to_dict(),
+                               tokenizer=model.tokenizer)
     rank_file = folder / "rank_0.pt"
     state = torch.load(rank_file, weights_only=True)
     del state["loader"]["batches_done"]
     torch.save(state, rank_file)
+    (folder / "rank_0.pt.sha256").unlink()  # as that release wrote it: no checksum beside it
     with pytest.raises(ValueError, match=r"rank_0\.pt: its 'loader' state cannot be restored: .*batches_done"):
         checkpointer.load(folder, ModelWeights(model), {}, {"loader": loader}, TrainState())
 
@@ -144,7 +146,8 @@ def test_background_save_writes_the_state_of_the_moment_it_was_called(tmp_path, 
     weights and optimizer moments changed after it returns are not what is written, and wait() leaves it complete.
     The writer thread is held before it writes anything, so the step below runs first: what it writes must be a
     copy (``CpuStaging``), even of CPU tensors. The copies are checked on their own too."""
-    from loravl.checkpoint import DELAYED_WRITE_ENV, SLOW_SAVE_ENV, CpuStaging, read_weights
+    from loravl.checkpoint import DELAYED_WRITE_ENV, SLOW_SAVE_ENV
+    from loravl.weights import CpuStaging, read_weights
 
     cfg = RunConfig(model=tiny_model_config)
     model = _trained_looking_model(cfg.model, tiny_tokenizer)
@@ -169,7 +172,8 @@ def test_background_save_writes_the_state_of_the_moment_it_was_called(tmp_path, 
     monkeypatch.setenv(SLOW_SAVE_ENV, "3:0.5")  # and sleeps before its rename
     checkpointer = Checkpointer(tmp_path / "ckpt", keep_last=2, rank=0, world_size=1, background=True)
     folder = checkpointer.save(3, ModelWeights(model), shared={"optimizer": optimizer}, per_rank={"rng": RNGState()},
-                               train_state=TrainState(epoch=0, step=3), run_config=cfg.to_dict(), tokenizer=model.tokenizer)
+                               train_state=TrainState(epoch=0, step=3),
+                               run_config=cfg.to_dict(), tokenizer=model.tokenizer)
     assert not (tmp_path / "ckpt" / LATEST).exists() and not folder.exists()
     optimizer.step()  # the training goes on: weights and AdamW moments change in place
     assert not torch.equal(optimizer.state[params[0]]["exp_avg"], moment_then)
@@ -191,7 +195,8 @@ def test_background_saves_reuse_their_buffers_only_after_the_write_before(tmp_pa
     wait for that save's write first: the first write is held here until after the second save was called, and
     each checkpoint must still hold its own step's weights and moments. A piece that changes shape (the optimizer
     gains LoRA's moments at the phase switch) gets new buffers, and the ones no longer used are let go."""
-    from loravl.checkpoint import DELAYED_WRITE_ENV, CpuStaging, read_weights
+    from loravl.checkpoint import DELAYED_WRITE_ENV
+    from loravl.weights import CpuStaging, read_weights
 
     cfg = RunConfig(model=tiny_model_config)
     model = _trained_looking_model(cfg.model, tiny_tokenizer)

@@ -532,6 +532,28 @@ def test_resume_mid_epoch_yields_exactly_the_rest(demo_root, tmp_path, kind, wor
     assert sorted(i for ids, _, _ in next_epoch for i in ids) == sorted(i for ids, _, _ in full for i in ids)
 
 
+@pytest.mark.parametrize("saved_workers,resumed_workers", [(2, 0), (0, 1)])
+def test_resume_with_another_worker_count_yields_the_same_rest(demo_root, saved_workers, resumed_workers):
+    """data.num_workers may change at a resume (``auto`` on another host): a map-style loader starts its sampler at
+    the saved position and yields the same batches, pixels included (torchdata's worker states do not fit)."""
+    cfg = DataConfig(format="jsonl", train_path=str(demo_root / "train" / "captions.jsonl"), prefetch_factor=2)
+
+    def make_loader(workers):
+        loader = build_dataloader(build_dataset(cfg, "train", IMAGE_SIZE), cfg, 3, train=True, seed=7,
+                                  num_workers=workers)
+        loader.set_epoch(1)
+        return loader
+
+    full = _batches(make_loader(saved_workers), limit=8)
+    interrupted = make_loader(saved_workers)
+    assert _batches(interrupted, limit=3) == full[:3]
+    state = interrupted.state_dict()
+    resumed = build_dataloader(build_dataset(cfg, "train", IMAGE_SIZE), cfg, 3, train=True, seed=7,
+                               num_workers=resumed_workers)
+    resumed.load_state_dict(state)
+    assert resumed.epoch == 1 and _batches(resumed, limit=5) == full[3:8]
+
+
 def test_workers_reuse_shared_memory_batches_without_touching_yielded_ones(demo_root):
     """Two workers write their batches into reused shared-memory slots: every batch of two epochs, all kept until
     the end, equals the main process's own (no workers, no slots), while the batches outnumber the slots used."""
@@ -633,3 +655,20 @@ def test_tokenize_runs_in_collate_and_merges_its_fields(demo_root, tiny_tokenize
     assert batch["input_ids"].dtype == torch.long and batch["input_ids"].shape[0] == 4
     assert batch["attention_mask"].shape == batch["input_ids"].shape
     assert torch.equal(batch["input_ids"], tiny_tokenizer(batch["captions"])["input_ids"])
+
+
+def test_demo_sets_of_other_sizes_live_side_by_side(tmp_path, caplog):
+    """A run asking for other demo sizes on the same path gets a folder of its own: the set another run is reading
+    is never regenerated under it, and a complete set is not generated again."""
+    import logging
+
+    with caplog.at_level(logging.INFO, logger="loravl.data.demo"):
+        small = ensure_demo_data(tmp_path / "demo", train_size=4, val_size=2, image_size=32)
+        written = {p: p.stat().st_mtime_ns for p in small.rglob("*") if p.is_file()}
+        other = ensure_demo_data(tmp_path / "demo", train_size=6, val_size=2, image_size=32)
+        again = ensure_demo_data(tmp_path / "demo", train_size=4, val_size=2, image_size=32)
+    assert small != other and again == small and small.parent == other.parent == tmp_path / "demo"
+    assert {p: p.stat().st_mtime_ns for p in small.rglob("*") if p.is_file()} == written
+    assert len((other / "train" / "captions.jsonl").read_text().splitlines()) == 6
+    generated = [r.getMessage() for r in caplog.records if "Generating the demo set" in r.getMessage()]
+    assert len(generated) == 2 and str(other) in generated[1]

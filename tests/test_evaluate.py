@@ -175,7 +175,8 @@ def test_evaluate_cli_writes_metrics_json(tiny_model, tiny_model_config, tmp_pat
     import sys
     from pathlib import Path
 
-    from loravl.checkpoint import Checkpointer, ModelWeights, RNGState, TrainState
+    from loravl.checkpoint import Checkpointer, RNGState, TrainState
+    from loravl.weights import ModelWeights
 
     cfg = RunConfig(model=tiny_model_config,
                     data=DataConfig(format="demo", train_path=str(tmp_path / "demo"), demo_train_size=2,

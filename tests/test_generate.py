@@ -11,7 +11,8 @@ import pytest
 import torch
 from PIL import Image, ImageDraw
 
-from loravl.checkpoint import Checkpointer, ModelWeights, RNGState, TrainState
+from loravl.checkpoint import Checkpointer, RNGState, TrainState
+from loravl.weights import ModelWeights
 from loravl.config import RunConfig
 from loravl.loading import export_model
 from loravl.generate import (ImageReadError, caption_images, expand_image_inputs, generation_kwargs)

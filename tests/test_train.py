@@ -14,7 +14,8 @@ from pathlib import Path
 import pytest
 import torch
 
-from loravl.checkpoint import LATEST, read_weights
+from loravl.checkpoint import LATEST
+from loravl.weights import read_weights
 
 ROOT = Path(__file__).resolve().parents[1]
 SCRIPT = str(ROOT / "src" / "train_stage1_vision_language.py")
@@ -172,6 +173,9 @@ def test_exact_resume_recreate_two_ranks(tmp_path, data_root):
     run(run_args(resumed, data_root, 32, *common, "--train.stop_at_step", "3"), nproc=2)
     assert latest(resumed) == "step_00000003"
     assert (resumed / "ckpt" / "step_00000003" / "rank_1.pt").is_file()
+    # Mid-epoch, each rank's data position belongs to the 2-way split: one process may not take it over.
+    done = run(run_args(resumed, data_root, 32, *common, "--train.resume", "latest"), check=False)
+    assert done.returncode == 2 and "the number of processes (2 -> 1; possible at an epoch's end)" in done.stderr
     run(run_args(resumed, data_root, 32, *common, "--train.resume", "latest"), nproc=2)
     assert losses(read_steps(resumed)) == losses(read_steps(reference))
     assert len(read_steps(reference)) == 6 and read_steps(reference)[3]["phase"] == 2
@@ -383,6 +387,58 @@ def test_ranks_stop_and_save_when_the_launcher_is_killed(tmp_path, data_root):
         assert time.time() < deadline, "ranks still running without their launcher"
         time.sleep(0.5)
     assert_saved_on_stop(run_dir, "SIGTERM", ranks=2)
+
+
+def test_a_second_fresh_run_into_the_same_folder_is_refused(tmp_path, data_root):
+    """The newcomer runs the demo twice: the second run stops at start, saying how to resume, move or overwrite,
+    and leaves the first run's checkpoints and tokenizer as they were."""
+    run_dir = tmp_path / "run"
+    run(run_args(run_dir, data_root, 16, "--train.epochs", "1"))
+    before = {p: p.stat().st_mtime_ns for p in (run_dir / "ckpt").rglob("*") if p.is_file()}
+    done = run(run_args(run_dir, data_root, 16, "--train.epochs", "1"), check=False)
+    assert done.returncode == 2 and "already holds a run" in done.stderr and "--resume latest" in done.stderr
+    assert {p: p.stat().st_mtime_ns for p in (run_dir / "ckpt").rglob("*") if p.is_file()} == before
+    run(run_args(run_dir, data_root, 16, "--train.epochs", "1", "--train.overwrite", "true"))
+    assert "deleted 1 checkpoint(s) of the run" in log_text(run_dir)
+
+
+def test_resume_latest_passes_over_a_damaged_checkpoint(tmp_path, data_root):
+    """Bytes overwritten in the newest checkpoint's weights: --resume latest says which checkpoint it passed over
+    and why, and resumes from the one before (the run then trains to its end)."""
+    run_dir = tmp_path / "run"
+    run(run_args(run_dir, data_root, 16, "--train.epochs", "2"))  # 4 steps an epoch: step 4 and step 8
+    weights = run_dir / "ckpt" / "step_00000008" / "model.safetensors"
+    data = bytearray(weights.read_bytes())
+    data[len(data) // 2: len(data) // 2 + 32] = bytes(32)
+    weights.write_bytes(bytes(data))
+    run(run_args(run_dir, data_root, 16, "--train.epochs", "3", "--resume", "latest"))
+    text = log_text(run_dir)
+    assert re.search(r"Resume: passed over step_00000008: .*model.safetensors does not match the checksum", text)
+    assert "Resumed from" in text and "step_00000004 at epoch 1 step 4" in text
+    assert latest(run_dir) == "step_00000012"
+
+
+def test_resume_refuses_settings_of_another_run_and_applies_those_that_may_change(tmp_path, data_root):
+    """A resume compares its settings with the checkpoint's: a changed batch size (another run) stops it at start,
+    naming the field; a changed worker count and learning rate are allowed, logged, and the new rate is used."""
+    common = ("--train.epochs", "2", "--train.lr", "1e-3")
+    reference, changed = tmp_path / "reference", tmp_path / "changed"
+    for run_dir in (reference, changed):
+        run(run_args(run_dir, data_root, 16, *common, "--train.stop_at_step", "2"))  # mid-epoch (4 steps each)
+    done = run(run_args(changed, data_root, 16, *common, "--train.resume", "latest", "--train.batch_size", "8"),
+               check=False)
+    assert done.returncode == 2 and "train.batch_size (4 -> 8)" in done.stderr and "another run" in done.stderr
+    run(run_args(reference, data_root, 16, *common, "--train.resume", "latest"))
+    run(run_args(changed, data_root, 16, "--train.epochs", "2", "--train.lr", "2e-3", "--train.resume", "latest",
+                 "--data.num_workers", "1"))
+    text = log_text(changed)
+    assert "Resume: data.num_workers changed from 0 to 1" in text and "Resume: train.lr changed from 0.001 to 0.002" in text
+    assert "Data loader: saved with 0 worker(s), resumed with 1: restarted at epoch 0 batch 2" in text
+    before, after = read_steps(reference), read_steps(changed)
+    assert after[2]["lr"][0] == pytest.approx(before[2]["lr"][0])  # written before the resume
+    assert after[3]["lr"][0] == pytest.approx(2 * before[3]["lr"][0]) and after[8]["lr"][0] == pytest.approx(
+        2 * before[8]["lr"][0])
+    assert sorted(after) == list(range(1, 9))
 
 
 # Configuration errors

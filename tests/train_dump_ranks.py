@@ -6,7 +6,7 @@ from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
 
-from loravl.checkpoint import save_weights
+from loravl.weights import save_weights
 from loravl.config import main_config
 from loravl.train import train
 

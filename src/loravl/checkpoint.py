@@ -20,12 +20,15 @@ With ``background`` (the trainer's default) rank 0 copies what it writes to the 
 kept between saves, ``CpuStaging``) and writes it in a thread while the training goes on; the next ``save()`` (or
 ``wait()``) waits for it first.
 
-Everything is read back with safetensors or ``torch.load(weights_only=True)``. Rebuilding a model for inference
-from a checkpoint is ``loravl.loading``'s work.
+Everything is read back with safetensors or ``torch.load(weights_only=True)``, after the files are checked against
+the checksums written with them (``loravl.integrity``). The model's weights as a piece are ``loravl.weights``;
+rebuilding a model for inference from a checkpoint is ``loravl.loading``'s work.
 """
 from __future__ import annotations
 
+import contextlib
 import dataclasses
+import gc
 import json
 import logging
 import os
@@ -35,18 +38,24 @@ import threading
 import time
 from dataclasses import dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, Protocol
+from typing import Any, Iterator, Protocol
 
 import numpy as np
 import torch
 import torch.distributed as dist
 import yaml
-from safetensors.torch import load_file, save_file
 
+from .integrity import (
+    CheckpointError,
+    explain_write_failure,
+    non_finite_tensors,
+    state_bytes,
+    verify,
+    write_manifest,
+    write_rank_digest,
+)
 from .text import CaptionTokenizer
-
-if TYPE_CHECKING:  # the model is only handed in: checkpoints do not build models (loravl.loading does)
-    from .model import VisionLanguageModel
+from .weights import CpuStaging, ModelWeights, write_weights
 
 logger = logging.getLogger(__name__)
 
@@ -114,129 +123,6 @@ class RNGState:
                              n["cached_gaussian"]))
         version, internal, gauss = state["python"]
         random.setstate((version, tuple(internal), gauss))
-
-
-# Model weights
-
-
-def _dedupe_shared(state: dict[str, torch.Tensor]) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
-    """safetensors refuses tensors that share memory (``text.lm_head.weight`` is ``text.transformer.wte.weight``):
-    keep the first name of each (detached, where it is), and return the others as aliases {dropped: kept}."""
-    kept: dict[tuple, str] = {}
-    out, aliases = {}, {}
-    for name, tensor in state.items():
-        key = (tensor.untyped_storage().data_ptr(), tensor.storage_offset(), tuple(tensor.shape), tensor.dtype)
-        if tensor.numel() > 0 and key in kept:
-            aliases[name] = kept[key]
-            continue
-        kept[key] = name
-        out[name] = tensor.detach()
-    return out, aliases
-
-
-class CpuStaging:
-    """The CPU copies a background save writes, into buffers kept from one save to the next (page-locked for GPU
-    tensors, so the copies run at the bus's rate without a sync each): allocating and faulting in new memory at
-    every save cost more than the copy itself (BENCHMARKS.md, checkpoint row; the first save still allocates).
-
-    A save may reuse the buffers only once the write of the one before is done: ``Checkpointer.save`` waits for it
-    before copying. What the training does to its own tensors afterwards leaves the copies as they were."""
-
-    def __init__(self) -> None:
-        self._buffers: dict[tuple, torch.Tensor] = {}
-        self._used: dict[tuple, torch.Tensor] = {}
-        self._devices: set[torch.device] = set()
-
-    def copy(self, state: Any, key: tuple = ()) -> Any:
-        """``state`` (nested dicts, lists and tuples) with every tensor copied; ``key`` names the piece (buffers
-        are kept by the path to each tensor)."""
-        if isinstance(state, torch.Tensor):
-            return self._copy_tensor(key, state.detach())
-        if isinstance(state, dict):
-            return {k: self.copy(v, (*key, k)) for k, v in state.items()}
-        if isinstance(state, (list, tuple)):
-            return type(state)(self.copy(v, (*key, i)) for i, v in enumerate(state))
-        return state
-
-    def _copy_tensor(self, key: tuple, tensor: torch.Tensor) -> torch.Tensor:
-        buffer = self._buffers.get(key)
-        if buffer is None or buffer.shape != tensor.shape or buffer.dtype != tensor.dtype:
-            buffer = torch.empty(tensor.shape, dtype=tensor.dtype, pin_memory=tensor.is_cuda)
-        self._used[key] = buffer
-        if tensor.is_cuda:
-            self._devices.add(tensor.device)
-        buffer.copy_(tensor, non_blocking=tensor.is_cuda)
-        return buffer
-
-    def finish(self) -> None:
-        """After the save's copies: waits for those from a GPU, and lets go of the buffers this save did not use
-        (a tensor that changed shape, or a piece gone)."""
-        for device in self._devices:
-            torch.cuda.synchronize(device)
-        self._buffers, self._used, self._devices = self._used, {}, set()
-
-
-def cpu_weights(state: dict[str, torch.Tensor]) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
-    """What ``write_weights`` takes: the tensors on the CPU (not copied where they are there already), and the
-    aliases of tied ones."""
-    tensors, aliases = _dedupe_shared(state)
-    return {k: v.to("cpu").contiguous() for k, v in tensors.items()}, aliases
-
-
-def save_weights(state: dict[str, torch.Tensor], path: Path) -> None:
-    write_weights(*cpu_weights(state), path)
-
-
-def write_weights(tensors: dict[str, torch.Tensor], aliases: dict[str, str], path: Path) -> None:
-    save_file(tensors, str(path), metadata={"aliases": json.dumps(aliases)})
-
-
-def read_weights(path: Path) -> dict[str, torch.Tensor]:
-    """A file written by ``save_weights``, aliases (tied weights) restored."""
-    from safetensors import safe_open
-
-    with safe_open(str(path), framework="pt") as f:
-        aliases = json.loads((f.metadata() or {}).get("aliases", "{}"))
-    state = load_file(str(path))
-    for dropped, kept in aliases.items():
-        state[dropped] = state[kept]
-    return state
-
-
-def load_weights_into(model: VisionLanguageModel, state: dict[str, torch.Tensor],
-                      allowed_missing: set[str]) -> None:
-    """``load_state_dict`` that fails on unexpected keys and on missing keys outside ``allowed_missing``."""
-    result = model.load_state_dict(state, strict=False)
-    missing = set(result.missing_keys) - allowed_missing
-    if result.unexpected_keys or missing:
-        raise RuntimeError(f"checkpoint does not match the model: unexpected keys {sorted(result.unexpected_keys)[:5]}"
-                           f", missing keys {sorted(missing)[:5]}")
-
-
-def frozen_keys(model: VisionLanguageModel) -> set[str]:
-    """Keys a checkpoint leaves out: they come back from ``model.vision.pretrained``."""
-    return set(model.state_dict()) - set(model.checkpoint_state_dict())
-
-
-class ModelWeights:
-    """The model as a checkpoint piece, in safetensors."""
-
-    def __init__(self, model: VisionLanguageModel):
-        self.model = model
-
-    def save(self, path: Path) -> None:
-        save_weights(self.model.checkpoint_state_dict(), path)
-
-    def snapshot(self, staging: CpuStaging | None = None) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
-        """The checkpoint's tensors on the CPU and the aliases of tied ones (``write_weights`` takes them). With
-        ``staging``, copies of them: the training may then change its own tensors without changing these."""
-        if staging is None:
-            return cpu_weights(self.model.checkpoint_state_dict())
-        tensors, aliases = _dedupe_shared(self.model.checkpoint_state_dict())
-        return staging.copy(tensors, ("model",)), aliases
-
-    def load(self, path: Path) -> None:
-        load_weights_into(self.model, read_weights(path), frozen_keys(self.model))
 
 
 # Saving and loading a training checkpoint
@@ -315,6 +201,12 @@ class Checkpointer:
         returns either way (it is small); rank 0 copies the shared pieces to the CPU first, so the steps after
         ``save()`` do not change what is written."""
         self.wait()  # one write at a time, in step order; the staging buffers are free again after it
+        # Every rank checks its replica (they are the same), so all of them stop here together.
+        bad = non_finite_tensors({"model": model.model.checkpoint_state_dict(),
+                                  **{name: piece.state_dict() for name, piece in shared.items()}})
+        if bad:
+            raise FloatingPointError(f"not saving step {step}: non-finite values in {', '.join(bad)}; the last "
+                                     f"checkpoint in {self.directory} is kept")
         final = self.directory / checkpoint_name(step)
         tmp = self.directory / f"{TMP_PREFIX}{final.name}"
         if self.rank == 0:
@@ -322,8 +214,10 @@ class Checkpointer:
             shutil.rmtree(tmp, ignore_errors=True)  # left by a crash
             tmp.mkdir()
         _barrier()
-        torch.save({name: piece.state_dict() for name, piece in per_rank.items()}, tmp / f"rank_{self.rank}.pt")
-        _fsync(tmp / f"rank_{self.rank}.pt")
+        rank_file = tmp / f"rank_{self.rank}.pt"
+        torch.save({name: piece.state_dict() for name, piece in per_rank.items()}, rank_file)
+        write_rank_digest(rank_file)
+        _fsync(rank_file)
         _barrier()
         if self.rank == 0:
             # Written while the training goes on (background): copies. Written now: the tensors as they are.
@@ -363,17 +257,27 @@ class Checkpointer:
             self._write_error = e
 
     def _write(self, step: int, tmp: Path, final: Path, weights: tuple, pieces: dict[str, Any],
-               train_state: dict[str, Any], run_config: dict[str, Any], tokenizer: CaptionTokenizer, vision_config) -> None:
-        """Rank 0: the shared pieces into ``tmp``, fsync, rename to ``final``, then ``latest`` moves."""
+               train_state: dict[str, Any], run_config: dict[str, Any], tokenizer: CaptionTokenizer,
+               vision_config) -> None:
+        """Rank 0: the shared pieces into ``tmp`` with their checksums, fsync, rename to ``final``, then ``latest``
+        moves. A failed write removes ``tmp`` (a full disk gets its space back) and leaves ``latest`` as it was."""
         _sleep_if_asked(DELAYED_WRITE_ENV, step)
-        write_weights(*weights, tmp / MODEL_FILE)
-        for name, state in pieces.items():
-            torch.save(state, tmp / f"{name}.pt")
-        (tmp / TRAIN_STATE_FILE).write_text(json.dumps(train_state, indent=1))
-        (tmp / "config.yaml").write_text(yaml.safe_dump(run_config, sort_keys=False))
-        tokenizer.save(tmp / "tokenizer")
-        vision_config.save_pretrained(str(tmp / "vision_config"))
-        _fsync_tree(tmp)
+        try:
+            write_weights(*weights, tmp / MODEL_FILE)
+            for name, state in pieces.items():
+                torch.save(state, tmp / f"{name}.pt")
+            (tmp / TRAIN_STATE_FILE).write_text(json.dumps(train_state, indent=1))
+            (tmp / "config.yaml").write_text(yaml.safe_dump(run_config, sort_keys=False))
+            tokenizer.save(tmp / "tokenizer")
+            vision_config.save_pretrained(str(tmp / "vision_config"))
+            write_manifest(tmp)
+            _fsync_tree(tmp)
+        except Exception as e:
+            # The failed write's frames hold its open files: let them go, so a full disk gets the space back.
+            e.__traceback__ = None
+            gc.collect()
+            shutil.rmtree(tmp, ignore_errors=True)
+            raise explain_write_failure(e, final, state_bytes(weights[0]) + state_bytes(pieces)) from None
         _sleep_if_asked(SLOW_SAVE_ENV, step)
         if final.exists():  # the same step saved again (e.g. a rerun): the older copy goes
             shutil.rmtree(final)
@@ -394,25 +298,113 @@ class Checkpointer:
 
     def load(self, path: str | Path, model: ModelWeights, shared: dict[str, Stateful],
              per_rank: dict[str, Stateful], train_state: TrainState) -> Path:
-        """Restore every piece present in ``shared``/``per_rank`` (build them for the saved phase first)."""
+        """Restore every piece present in ``shared``/``per_rank`` (build them for the saved phase first), after
+        checking the files against their checksums. Raises ``CheckpointError`` naming the folder and the piece."""
         folder = resolve_checkpoint(path)
-        model.load(folder / MODEL_FILE)
+        if not verify(folder):
+            logger.info("%s has no checksums (written by an earlier loravl): loaded unverified", folder)
+        with _naming(folder, MODEL_FILE):
+            model.load(folder / MODEL_FILE)
         for name, piece in shared.items():
-            piece.load_state_dict(torch.load(folder / f"{name}.pt", weights_only=True, map_location="cpu"))
+            with _naming(folder, f"{name}.pt"):
+                piece.load_state_dict(torch.load(folder / f"{name}.pt", weights_only=True, map_location="cpu"))
         rank_file = folder / f"rank_{self.rank}.pt"
-        if not rank_file.is_file():
-            raise FileNotFoundError(f"{rank_file} missing: resume with the world size the checkpoint was saved with")
-        rank_state = torch.load(rank_file, weights_only=True, map_location="cpu")
+        if per_rank and not rank_file.is_file():
+            raise CheckpointError(f"{rank_file} missing: resume with the world size the checkpoint was saved with")
+        if per_rank:
+            with _naming(folder, rank_file.name):
+                rank_state = torch.load(rank_file, weights_only=True, map_location="cpu")
         for name, piece in per_rank.items():
             try:
                 piece.load_state_dict(rank_state[name])
             except (KeyError, ValueError) as e:
-                raise ValueError(f"{rank_file}: its {name!r} state cannot be restored: {e}") from e
-        train_state.load_state_dict(json.loads((folder / TRAIN_STATE_FILE).read_text()))
+                raise CheckpointError(f"{rank_file}: its {name!r} state cannot be restored: {e}") from e
+        train_state.load_state_dict(read_train_state(folder).state_dict())
         return folder
 
 
+@contextlib.contextmanager
+def _naming(folder: Path, piece: str) -> Iterator[None]:
+    """Library errors from reading one piece (safetensors, torch.load, json) as a ``CheckpointError`` that names it."""
+    try:
+        yield
+    except CheckpointError:
+        raise
+    except Exception as e:
+        raise CheckpointError(f"{folder}: {piece} cannot be read: {type(e).__name__}: {e}") from e
+
+
+def newest_usable_checkpoint(directory: Path) -> tuple[Path | None, list[tuple[str, str]]]:
+    """For ``--resume latest``: the checkpoint ``latest`` names if it verifies, else the newest that does; and the
+    ones passed over, each with why. (None, ...) when the folder holds no checkpoint at all."""
+    skipped: list[tuple[str, str]] = []
+    candidates = list(reversed(list_checkpoints(directory)))
+    pointer = directory / LATEST
+    if pointer.is_file():
+        try:
+            named = directory / pointer.read_text().strip()
+        except (OSError, UnicodeDecodeError) as e:
+            named = None
+            skipped.append((LATEST, f"unreadable ({type(e).__name__})"))
+        if named is not None and named.parent == directory and named.is_dir():
+            candidates = [named, *(c for c in candidates if c != named)]
+        elif named is not None:
+            skipped.append((LATEST, f"names {named.name!r}, which is not a checkpoint folder here"))
+    for folder in candidates:
+        try:
+            verify(folder)
+            read_train_state(folder)
+            return folder, skipped
+        except CheckpointError as e:
+            skipped.append((folder.name, str(e)))
+    return None, skipped
+
+
+def find_start(directory: Path, resume: str, overwrite: bool, rank: int) -> Path | None:
+    """Where the run starts: None for a fresh start, else the checkpoint to resume from.
+
+    ``resume`` latest: the newest checkpoint that verifies (those passed over are logged with why); none at all,
+    a fresh start. A folder: that one, verified. Empty: a fresh start, refused where ``directory`` already holds a
+    run (the newcomer who runs the demo twice), unless ``overwrite``, which deletes that run's checkpoints first.
+    Collective under several processes (rank 0 deletes, the others wait)."""
+    from .config import ConfigError
+
+    if not resume:
+        held = list_checkpoints(directory)
+        if held and not overwrite:
+            raise ConfigError(
+                f"{directory} already holds a run ({len(held)} checkpoint(s), the newest {held[-1].name}). Resume "
+                f"it with --resume latest, train into another folder with --train.checkpoint.dir, or start over "
+                f"there with --train.overwrite true (deletes its checkpoints)")
+        if held or (directory / LATEST).exists():
+            if rank == 0:
+                for folder in [*held, directory / "tokenizer"]:
+                    shutil.rmtree(folder, ignore_errors=True)
+                (directory / LATEST).unlink(missing_ok=True)
+                logger.info("train.overwrite: deleted %d checkpoint(s) of the run in %s", len(held), directory)
+            _barrier()
+        return None
+    if resume == LATEST:
+        folder, skipped = newest_usable_checkpoint(directory)
+        for name, why in skipped:
+            logger.warning("Resume: passed over %s: %s", name, why)
+        if folder is None and skipped:
+            raise CheckpointError(f"--resume latest: no usable checkpoint in {directory} ("
+                                  + "; ".join(f"{name}: {why}" for name, why in skipped) + ")")
+        if folder is None:
+            logger.info("No checkpoint in %s yet: starting fresh", directory)
+        return folder
+    try:
+        folder = resolve_checkpoint(resume)
+    except FileNotFoundError as e:
+        raise ConfigError(f"train.resume: {e}") from None
+    verify(folder)
+    return folder
+
+
 def read_train_state(path: str | Path) -> TrainState:
+    folder = resolve_checkpoint(path)
     state = TrainState()
-    state.load_state_dict(json.loads((resolve_checkpoint(path) / TRAIN_STATE_FILE).read_text()))
+    with _naming(folder, TRAIN_STATE_FILE):
+        state.load_state_dict(json.loads((folder / TRAIN_STATE_FILE).read_text()))
     return state

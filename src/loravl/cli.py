@@ -11,12 +11,16 @@ def train(argv: Optional[Sequence[str]] = None) -> None:
     from .config import ConfigError, main_config
 
     cfg = main_config(None if argv is None else list(argv), default_path="configs/stage1.yaml")
+    from .integrity import CheckpointError
     from .train import train as run_training
 
     try:
         run_training(cfg)
     except ConfigError as e:
         print(f"config error: {e}", file=sys.stderr)
+        raise SystemExit(2)
+    except CheckpointError as e:
+        print(f"checkpoint error: {e}", file=sys.stderr)
         raise SystemExit(2)
 
 

@@ -332,8 +332,10 @@ class TrainConfig:
     # Stop (without saving) after this many optimizer steps in a row with non-finite losses or gradients.
     max_bad_steps: int = 10
     seed: int = 42
-    # latest | a checkpoint folder | empty
+    # latest | a checkpoint folder | empty. A run without it refuses a checkpoint folder that holds a run, unless
+    # overwrite: true (that run's checkpoints and tokenizer are then deleted first).
     resume: str = ""
+    overwrite: bool = False
     # Flags from the original scripts; num_gpus is checked against the launched world size. Several processes
     # always train under DDP; use_ddp: true wraps a single process in DDP too (a one-process group), to check or
     # time on one GPU what each rank of a multi-GPU run executes.

@@ -297,9 +297,10 @@ def evaluate_model(model: "VisionLanguageModel", data: Any, data_cfg: DataConfig
                    max_images: Optional[int] = None, return_captions: bool = False,
                    log_samples: int = 3) -> dict[str, Any]:
     """Retrieval and captioning metrics of ``model`` on a validation dataset or eval loader (one process; call it on
-    rank 0). ``data_cfg`` and ``seed`` build the loader where ``data`` is a dataset. Keys: ``i2t_r{1,5,10}``, ``t2i_r{1,5,10}``, ``r_mean`` (ITC), the same prefixed ``itm_`` when
-    re-ranked, ``exact_match``, ``bleu_1..4``, ``cider``, ``num_images``, ``num_texts``, ``eval_seconds``; with
-    ``return_captions`` also ``samples``: [{image_id, image (path, when known), caption, references}].
+    rank 0). ``data_cfg`` and ``seed`` build the loader where ``data`` is a dataset. Keys: ``i2t_r{1,5,10}``,
+    ``t2i_r{1,5,10}``, ``r_mean`` (ITC), the same prefixed ``itm_`` when re-ranked, ``exact_match``,
+    ``bleu_1..4``, ``cider``, ``num_images``, ``num_texts``, ``eval_seconds``; with ``return_captions`` also
+    ``samples``: [{image_id, image (path, when known), caption, references}].
     The first ``log_samples`` generated captions are logged (INFO, logger ``loravl.evaluate``).
     The model's train/eval mode is restored afterwards."""
     started = time.perf_counter()

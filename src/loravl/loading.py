@@ -23,11 +23,18 @@ import torch
 from peft import set_peft_model_state_dict
 from safetensors.torch import load_file
 
-from .checkpoint import (EXPORT_MARKER, LATEST, MODEL_FILE, TMP_PREFIX, ModelWeights, load_weights_into, read_weights,
-                         resolve_checkpoint, save_weights)
+from .checkpoint import (
+    EXPORT_MARKER,
+    LATEST,
+    MODEL_FILE,
+    TMP_PREFIX,
+    resolve_checkpoint,
+)
 from .config import RunConfig, TextConfig, config_from_dict, load_config, save_config
+from .integrity import verify, write_manifest
 from .model import VisionLanguageModel
 from .text import CaptionTokenizer, load_tokenizer
+from .weights import ModelWeights, load_weights_into, read_weights, save_weights
 
 BACKBONE_DIR = "vision_backbone"
 ADAPTER_DIR = "vision_adapter"
@@ -46,6 +53,7 @@ def load_model(path: str | os.PathLike, device: str | torch.device = "cpu") -> t
     if path.is_file() and path.name == LATEST:
         path = path.parent
     folder = resolve_checkpoint(path)
+    verify(folder)  # a damaged file fails here, naming itself, instead of loading as noise
     if (folder / EXPORT_MARKER).is_file():
         model, cfg = _load_exported(folder)
     else:
@@ -87,6 +95,7 @@ def export_model(model: VisionLanguageModel, cfg: RunConfig, out_dir: str | Path
     save_config(exported, tmp / "config.yaml")
     (tmp / EXPORT_MARKER).write_text(json.dumps({"format": "loravl-export", "version": 1,
                                                  "lora_merged": merge_lora}, indent=1))
+    write_manifest(tmp)
     if out_dir.exists():
         shutil.rmtree(out_dir)
     os.rename(tmp, out_dir)

@@ -55,3 +55,12 @@ def build_scheduler(optimizer: torch.optim.Optimizer, tc: TrainConfig, total_ste
     schedule = functools.partial(lr_multiplier, warmup_steps=tc.warmup_steps, total_steps=total_steps,
                                  min_lr_ratio=tc.min_lr_ratio)
     return LambdaLR(optimizer, schedule, last_epoch=steps_done - 1)
+
+
+def apply_learning_rates(optimizer: torch.optim.Optimizer, tc: TrainConfig, total_steps: int,
+                         steps_done: int) -> LambdaLR:
+    """A resumed run's ``train.lr`` / ``train.lora_lr`` put into the restored optimizer's groups (which carry the
+    rates they were saved with), and the schedule positioned anew on them."""
+    for group in optimizer.param_groups:
+        group["initial_lr"] = tc.lora_lr if group.get("name") == "lora" else tc.lr
+    return build_scheduler(optimizer, tc, total_steps, steps_done)

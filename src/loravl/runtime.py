@@ -134,13 +134,6 @@ class StopSignal:
             signal.signal(sig, signal.SIG_DFL)
 
 
-@torch.no_grad()
-def check_finite_weights(model: nn.Module) -> None:
-    bad = [n for n, p in model.named_parameters() if p.requires_grad and not torch.isfinite(p).all()]
-    if bad:
-        raise FloatingPointError(f"non-finite weights in {bad[:5]}: not saving over a good checkpoint")
-
-
 def check_replicas(model: VisionLanguageModel, env: DistributedEnv, step: int) -> None:
     """Every rank must hold the same trainable weights and LoRA (frozen or not); a silent DDP desync would not
     show in the losses. Compares per-tensor checksums across ranks at every save."""

@@ -26,18 +26,21 @@ from torch.nn.parallel import DistributedDataParallel as DDP
 from torch.optim.lr_scheduler import LambdaLR
 from torch.profiler import record_function  # labels in train.profile.dir's traces
 
-from .checkpoint import LATEST, Checkpointer, ModelWeights, RNGState, TrainState, read_train_state, resolve_checkpoint
+from .checkpoint import Checkpointer, RNGState, TrainState, find_start, read_train_state
 from .config import ConfigError, ModelConfig, RunConfig, TextConfig, TrainConfig
 from .data import build_dataloader, build_dataset
 from .device import Precision, choose_precision
+from .integrity import saved_world_size
 from .loading import caption_tokenizer, export_model
 from .metrics import LOSS_NAMES, MetricsLogger, format_skips, setup_logging
 from .model import VisionLanguageModel
-from .optim import build_optimizer, build_scheduler, lora_param_group
+from .optim import apply_learning_rates, build_optimizer, build_scheduler, lora_param_group
 from .profiling import StepProfiler
-from .runtime import (DistributedEnv, StopSignal, barrier, check_finite_weights, check_replicas, close_distributed,
-                      init_distributed, seed_everything, wrap_model)
+from .resume import check_resume
+from .runtime import (DistributedEnv, StopSignal, barrier, check_replicas, close_distributed, init_distributed,
+                      seed_everything, wrap_model)
 from .text import CaptionTokenizer, train_tokenizer
+from .weights import ModelWeights
 
 logger = logging.getLogger("loravl.train")
 
@@ -62,7 +65,12 @@ def _train(cfg: RunConfig, env: DistributedEnv) -> VisionLanguageModel:
                 ", DDP over one process (train.use_ddp)" if env.ddp and env.world_size == 1 else "")
     checkpointer = Checkpointer(tc.checkpoint.dir, tc.checkpoint.keep_last, env.rank, env.world_size,
                                 background=tc.checkpoint.in_background)
-    resume_from = find_resume_checkpoint(tc)
+    resume_from = find_start(Path(tc.checkpoint.dir), tc.resume, tc.overwrite, env.rank)
+    if resume_from is not None:  # before anything is built: a resume that would be another run stops here
+        saved = read_train_state(resume_from)
+        same_split = saved_world_size(resume_from) == env.world_size
+        changed = check_resume(resume_from, cfg, saved_world_size(resume_from), env.world_size,
+                               at_epoch_end=saved.step_in_epoch == 0)
 
     # Data and tokenizer. The tokenizer is trained on the training captions at the first start, then always
     # comes back from the checkpoint.
@@ -86,13 +94,15 @@ def _train(cfg: RunConfig, env: DistributedEnv) -> VisionLanguageModel:
     log_phase(model, phase=1)
 
     if resume_from is not None:
-        saved = read_train_state(resume_from)
         if saved.lora_unfrozen:  # build the phase-2 optimizer the checkpoint holds
             ddp_model, optimizer, scheduler = unfreeze_lora(model, optimizer, tc, env, total_steps, state)
-        # At an epoch boundary the next epoch starts fresh: an exhausted loader's state is not restored.
-        rank_pieces = per_rank_pieces(loader if saved.step_in_epoch > 0 else None)
+        # At an epoch boundary the next epoch starts fresh: an exhausted loader's state is not restored. With
+        # another number of processes (only there) each rank keeps its own fresh RNG stream.
+        rank_pieces = per_rank_pieces(loader if saved.step_in_epoch > 0 else None) if same_split else {}
         checkpointer.load(resume_from, ModelWeights(model), shared_pieces(optimizer, scheduler, precision),
                           rank_pieces, state)
+        if {"train.lr", "train.lora_lr"} & set(changed):  # the restored groups carry the old rates
+            scheduler = apply_learning_rates(optimizer, tc, total_steps, state.step)
         logger.info("Resumed from %s at epoch %d step %d", resume_from, state.epoch, state.step)
 
     # The loader-bound hint only where a GPU steps: on the CPU the workers and the step share the cores, and more
@@ -106,10 +116,9 @@ def _train(cfg: RunConfig, env: DistributedEnv) -> VisionLanguageModel:
     def save() -> None:
         nonlocal last_saved_step
         metrics.flush()  # a bad streak must not be saved over a good checkpoint
-        check_finite_weights(model)
         check_replicas(model, env, state.step)
         checkpointer.save(state.step, ModelWeights(model), shared_pieces(optimizer, scheduler, precision),
-                          per_rank_pieces(loader), state, cfg.to_dict(), tokenizer)  # logs "Saved checkpoint" when written
+                          per_rank_pieces(loader), state, cfg.to_dict(), tokenizer)  # logs when written
         last_saved_step = state.step
 
     model.train()
@@ -375,24 +384,6 @@ def count_total_steps(tc: TrainConfig, steps_per_epoch: Optional[int]) -> int:
         raise ConfigError("the training set is smaller than one batch per process (train.batch_size)")
     total = steps_per_epoch * tc.epochs
     return min(total, tc.max_steps) if tc.max_steps is not None else total
-
-
-# Setup helpers
-
-
-def find_resume_checkpoint(tc: TrainConfig) -> Optional[Path]:
-    """``latest``: the newest checkpoint in ``checkpoint.dir`` (none yet: a fresh start); a path: that one."""
-    if not tc.resume:
-        return None
-    if tc.resume == LATEST:
-        if not (Path(tc.checkpoint.dir) / LATEST).is_file():
-            logger.info("No checkpoint in %s yet: starting fresh", tc.checkpoint.dir)
-            return None
-        return resolve_checkpoint(tc.checkpoint.dir)
-    try:
-        return resolve_checkpoint(tc.resume)
-    except FileNotFoundError as e:
-        raise ConfigError(f"train.resume: {e}") from None
 
 
 def training_captions(dataset: Any, limit: int) -> Iterator[str]:

@@ -57,10 +57,10 @@ class GeluMLP(nn.Module):
     autocast.
 
     The separate GELU kernel reads and writes the [tokens, 3072] activation, a visible share of a phase-1 step
-    (bench/results/2026-12-01_h200_profile_phase1_forward_patch_matmul.txt). cuBLASLt's GELU is the tanh approximation: at most 4.7e-4 from the exact one (at
-    x = -2.7), an eighth of bf16's rounding step at 1 (2^-8; half of fp16's), and autocast rounds both fc1's
-    output and the GELU's to that precision anyway. Anywhere else (fp32, the CPU, gradients, LoRA on fc1) it is
-    the plain MLP.
+    (bench/results/2026-12-01_h200_profile_phase1_forward_patch_matmul.txt). cuBLASLt's GELU is the tanh
+    approximation: at most 4.7e-4 from the exact one (at x = -2.7), an eighth of bf16's rounding step at 1
+    (2^-8; half of fp16's), and autocast rounds both fc1's output and the GELU's to that precision anyway.
+    Anywhere else (fp32, the CPU, gradients, LoRA on fc1) it is the plain MLP.
     """
 
     def __init__(self, fc1: nn.Linear, fc2: nn.Linear):

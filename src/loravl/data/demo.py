@@ -4,12 +4,13 @@ The caption is a function of the picture alone: the two objects always differ, t
 earlier in (COLOURS, SHAPES) order, and the relation comes from where they are drawn (clearly apart along one
 axis, nearly aligned along the other). So a model can reach exact-match captions on the val split.
 
-Stored as a JSONL manifest per split and read through the ordinary ``jsonl`` loader:
-``root/train/captions.jsonl``, ``root/train/images/000000.png``, ... and the same under ``root/val``.
+Stored as a JSONL manifest per split and read through the ordinary ``jsonl`` loader, in a folder under ``root``
+named by the settings: ``<set>/train/captions.jsonl``, ``<set>/train/images/000000.png``, ... and ``<set>/val``.
 """
 from __future__ import annotations
 
 import json
+import logging
 import os
 import random
 import shutil
@@ -31,6 +32,8 @@ BACKGROUND = (255, 255, 255)
 
 _MARKER = "demo.json"
 _FORMAT_VERSION = 1
+
+logger = logging.getLogger(__name__)
 
 
 def demo_caption(first: tuple[str, str], relation: str, second: tuple[str, str]) -> str:
@@ -91,18 +94,22 @@ def _is_complete(root: Path, params: dict) -> bool:
 
 def ensure_demo_data(root: Union[str, os.PathLike], train_size: int = 2000, val_size: int = 200,
                      image_size: int = 64, seed: int = 0) -> Path:
-    """Generate the demo set under ``root`` unless a complete one with the same parameters is there.
+    """The demo set with these settings: a folder under ``root`` named by them, generated unless complete.
 
-    Deterministic in (seed, split, index). Written to a temporary folder and renamed into place, so several
-    ranks calling this at once end with one complete copy.
+    Runs that ask for other sizes get folders of their own, so one never regenerates the set another run is
+    reading. Deterministic in (seed, split, index). Written to a temporary folder and renamed into place, so
+    several ranks calling this at once end with one complete copy.
     """
     root = Path(root)
     params = {"version": _FORMAT_VERSION, "train_size": train_size, "val_size": val_size,
               "image_size": image_size, "seed": seed}
-    if _is_complete(root, params):
-        return root
-    root.parent.mkdir(parents=True, exist_ok=True)
-    staging = root.parent / f".{root.name}.tmp-{os.getpid()}"
+    folder = root / f"train{train_size}_val{val_size}_{image_size}px_seed{seed}"
+    if _is_complete(folder, params):
+        return folder
+    logger.info("Generating the demo set (%d training and %d validation scenes, %d px) into %s", train_size,
+                val_size, image_size, folder)
+    root.mkdir(parents=True, exist_ok=True)
+    staging = root / f".{folder.name}.tmp-{os.getpid()}"
     shutil.rmtree(staging, ignore_errors=True)
     for split, count in (("train", train_size), ("val", val_size)):
         (staging / split / "images").mkdir(parents=True)
@@ -114,15 +121,16 @@ def ensure_demo_data(root: Union[str, os.PathLike], train_size: int = 2000, val_
                 image.save(staging / split / relative)
                 manifest.write(json.dumps({"image": relative, "caption": caption}) + "\n")
     (staging / _MARKER).write_text(json.dumps(params))
-    if _is_complete(root, params):  # another process finished first
+    if _is_complete(folder, params):  # another process finished first
         shutil.rmtree(staging, ignore_errors=True)
-        return root
-    if root.exists():
-        shutil.rmtree(root, ignore_errors=True)  # stale or made with other parameters
+        return folder
+    shutil.rmtree(folder, ignore_errors=True)  # an incomplete copy left by a crash
     try:
-        os.rename(staging, root)
+        os.rename(staging, folder)
     except OSError:
         shutil.rmtree(staging, ignore_errors=True)
-        if not _is_complete(root, params):
+        if not _is_complete(folder, params):
             raise
-    return root
+    return folder
+
+

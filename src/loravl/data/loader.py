@@ -11,6 +11,7 @@ epoch's first step (BENCHMARKS.md, epoch start row).
 """
 from __future__ import annotations
 
+import logging
 import math
 import os
 import signal
@@ -31,6 +32,8 @@ AnyCaptionDataset = Union[CaptionDataset, StreamingCaptionDataset]
 
 # Mid-epoch the skip fraction is only judged after this many samples, so a few bad files early do not stop a run.
 MIN_SAMPLES_BEFORE_SKIP_CHECK = 512
+
+logger = logging.getLogger(__name__)
 
 
 class EpochBatchSampler:
@@ -191,18 +194,39 @@ class CaptionLoader:
 
     def state_dict(self) -> dict[str, Any]:
         return {"epoch": self._epoch, "batches_done": self._batches_done, "loader": self.loader.state_dict(),
-                "skips": self.skips.state_dict()}
+                "skips": self.skips.state_dict(), "num_workers": self.loader.num_workers}
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
-        """Restore a rank's state: the next iteration yields what that epoch had not consumed yet."""
+        """Restore a rank's state: the next iteration yields what that epoch had not consumed yet.
+
+        With another ``data.num_workers`` than the state was saved with (``auto`` on another host), the workers'
+        own states do not fit: a map-style loader then starts its sampler at the saved position instead, which
+        yields the same batches (each sample's crop is seeded by the sample, not the worker)."""
         if "batches_done" not in state:
             raise ValueError("this data loader state was saved by a loravl before the train loader ran on across "
                              "epochs (no 'batches_done'): resume from a checkpoint at an epoch's end, or with the "
                              "loravl that wrote it")
-        self.set_epoch(int(state["epoch"]))
+        epoch, batches_done = int(state["epoch"]), int(state["batches_done"])
+        self.set_epoch(epoch)
         self._running = None
-        self._batches_done, self._restored = int(state["batches_done"]), True
-        self.loader.load_state_dict(state["loader"])
+        self._batches_done, self._restored = batches_done, True
+        saved_workers = state.get("num_workers")  # absent in states of earlier releases
+        restored = False
+        if saved_workers in (None, self.loader.num_workers):
+            try:
+                self.loader.load_state_dict(state["loader"])
+                restored = True
+            except (AssertionError, KeyError, ValueError):  # torchdata's words for another worker count
+                pass
+        if not restored:
+            if self.batch_sampler is None:
+                raise ValueError(f"a streaming loader resumes only with the data.num_workers it was saved with "
+                                 f"({saved_workers if saved_workers is not None else 'another count'}; now "
+                                 f"{self.loader.num_workers})")
+            self.batch_sampler.load_state_dict({"epoch": epoch, "batches": batches_done})
+            logger.info("Data loader: saved with %s worker(s), resumed with %d: restarted at epoch %d batch %d",
+                        saved_workers if saved_workers is not None else "another count of", self.loader.num_workers,
+                        epoch, batches_done)
         self.skips.load_state_dict(state["skips"])
 
 

@@ -1,0 +1,64 @@
+"""What a resumed run may change against the run it resumes. Its checkpoint's ``config.yaml`` is compared with the
+current config: settings that would make the resumed run another run (model shapes, the batch, the data and its
+order, the schedule's shape) stop it at start, naming each field; the others are allowed and logged.
+"""
+from __future__ import annotations
+
+import logging
+from pathlib import Path
+from typing import Any
+
+from .config import ConfigError, RunConfig, load_config
+
+logger = logging.getLogger("loravl.train")
+
+# Dotted fields (or whole sections, ending in ".") a resumed run may change. The learning rates are re-applied to
+# the restored optimizer; everything else here does not enter the training's arithmetic or its data order.
+MAY_CHANGE = (
+    "train.epochs", "train.max_steps", "train.stop_at_step", "train.lr",
+    "train.lora_lr", "train.max_bad_steps", "train.mixed_precision", "train.use_ddp", "train.num_gpus", "train.cpu",
+    "train.compile.", "train.checkpoint.", "train.logging.", "train.profile.",
+    "data.num_workers", "data.prefetch_factor", "data.train_path", "data.val_path", "data.image_root",
+    "data.max_skip_fraction", "model.vision.pretrained", "model.vision.attn_implementation", "model.text.tokenizer",
+)
+
+
+# How this start was asked for, not what the run is: never compared.
+NOT_COMPARED = ("train.resume", "train.overwrite")
+
+
+def _flatten(tree: dict[str, Any], prefix: str = "") -> dict[str, Any]:
+    out: dict[str, Any] = {}
+    for key, value in tree.items():
+        if isinstance(value, dict):
+            out.update(_flatten(value, f"{prefix}{key}."))
+        else:
+            out[f"{prefix}{key}"] = value
+    return out
+
+
+def _may_change(field: str) -> bool:
+    return any(field == allowed or (allowed.endswith(".") and field.startswith(allowed)) for allowed in MAY_CHANGE)
+
+
+def check_resume(folder: Path, cfg: RunConfig, saved_world_size: int, world_size: int,
+                 at_epoch_end: bool) -> dict[str, tuple[Any, Any]]:
+    """The fields that differ from the checkpoint's run, ``{field: (saved, now)}``, after checking that each may
+    change; raises ``ConfigError`` naming those that may not. The world size may change only at an epoch's end
+    (map-style data re-splits there; mid-epoch each rank's position belongs to the split it was saved with)."""
+    saved = _flatten(load_config(folder / "config.yaml").to_dict())
+    now = _flatten(cfg.to_dict())
+    changed = {field: (saved.get(field), now.get(field)) for field in sorted(set(saved) | set(now))
+               if saved.get(field) != now.get(field) and field not in NOT_COMPARED}
+    fixed = [f"{field} ({old!r} -> {new!r})" for field, (old, new) in changed.items() if not _may_change(field)]
+    if saved_world_size != world_size and not at_epoch_end:
+        fixed.append(f"the number of processes ({saved_world_size} -> {world_size}; possible at an epoch's end)")
+    if fixed:
+        raise ConfigError(f"resuming {folder} with settings that would make it another run: {'; '.join(fixed)}. "
+                          f"Resume with the checkpoint's settings (its config.yaml), or start a new run")
+    for field, (old, new) in changed.items():
+        logger.info("Resume: %s changed from %r to %r", field, old, new)
+    if saved_world_size != world_size:
+        logger.info("Resume: %d process(es) instead of %d, at an epoch's end: the next epoch is split anew",
+                    world_size, saved_world_size)
+    return changed
