@@ -80,3 +80,28 @@ def test_sections_and_the_flat_names_they_replaced(tmp_path):
     assert (cfg.train.compile.enabled, cfg.train.compile.mode, cfg.train.logging.every) == (False, "max-autotune", 3)
     with pytest.raises(ConfigError, match=r"train.logging.every must be > 0"):
         load_config(None, ["--log_every", "0"])
+
+
+def test_errors_say_where_the_value_came_from_and_suggest_the_key(tmp_path):
+    path = tmp_path / "run.yaml"
+    path.write_text("train:\n  batch_size: 16\n")
+    with pytest.raises(ConfigError, match=r"^on the command line: train.batch_size must be > 0"):
+        load_config(path, ["--batch_size", "0"])
+    path.write_text("train:\n  batch_size: 0\n")
+    with pytest.raises(ConfigError, match=r"run.yaml: train.batch_size must be > 0"):
+        load_config(path, ["--lr", "0.1"])
+    path.write_text("train:\n  batch_sise: 16\n")
+    with pytest.raises(ConfigError, match=r"run.yaml: unknown config key 'train.batch_sise'; did you mean batch_size\?"):
+        load_config(path)
+    with pytest.raises(ConfigError, match=r"unknown config option --lora_warmup_epoch; did you mean "
+                                          r"--lora_warmup_epochs[ ?]"):
+        load_config(None, ["--lora_warmup_epoch", "2"])
+
+
+def test_help_lists_every_option_with_its_default(capsys):
+    with pytest.raises(SystemExit) as exc:
+        main_config(["--help"])
+    assert exc.value.code == 0
+    out = capsys.readouterr().out
+    assert "--train.checkpoint.save_every" in out and "default 1000" in out
+    assert "--model.vision.lora.rank" in out and "\ntrain.compile:" in out

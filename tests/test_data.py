@@ -163,12 +163,15 @@ def test_hf_saved_dataset_and_missing_column(demo_root, tmp_path):
 
 def test_wrong_paths_and_columns_fail_at_start_naming_them(demo_root, tmp_path):
     manifest = demo_root / "train" / "captions.jsonl"
+    not_objects = tmp_path / "not_objects.jsonl"
+    not_objects.write_text(manifest.read_text().splitlines()[0] + "\n5\n")
     cases = [
         (DataConfig(format="jsonl", train_path=str(tmp_path / "nope.jsonl")), "nope.jsonl"),
         (DataConfig(format="jsonl", train_path=str(manifest), text_column="text"), "no field 'text'"),
         (DataConfig(format="coco", train_path=str(tmp_path / "captions.json")), "captions.json"),
         (DataConfig(format="webdataset", train_path=str(tmp_path / "s-{000..002}.tar")), "s-000.tar"),
         (DataConfig(format="hf", train_path=str(tmp_path / "no_dataset")), "no_dataset"),
+        (DataConfig(format="jsonl", train_path=str(not_objects)), r"not_objects.jsonl:2: a JSON int, not an object"),
     ]
     for cfg, message in cases:
         with pytest.raises(DataFormatError, match=message):

@@ -103,7 +103,7 @@ def test_cli_captions_good_images_and_reports_bad_ones(tmp_path, checkpoint_dir)
     # The `latest` pointer file itself names the checkpoint, as in the README's example.
     result = run_cli("--checkpoint", str(checkpoint_dir / "latest"), "--images", str(folder),
                      "--batch_size", "4", "--max_new_tokens", "6", "--output", str(output))
-    assert result.returncode == 0, result.stderr
+    assert result.returncode == 1, result.stderr  # some inputs failed: a script must be able to tell
     captions = parse_captions(result.stdout)
     assert set(captions) == set(GOOD_NAMES) and all(captions.values())
     errors = [line for line in result.stderr.splitlines() if line.startswith("error:")]
@@ -111,8 +111,14 @@ def test_cli_captions_good_images_and_reports_bad_ones(tmp_path, checkpoint_dir)
     for name, reason in (("truncated.jpg", "corrupt_image"), ("text.jpg", "not_an_image"),
                          ("empty.png", "empty_file")):
         assert any(name in line and reason in line for line in errors), (name, errors)
+    assert "BytesIO" not in result.stderr
     records = [json.loads(line) for line in output.read_text().splitlines()]
-    assert {Path(r["image"]).name: r["caption"] for r in records} == captions
+    assert {Path(r["image"]).name: r["caption"] for r in records if r["caption"]} == captions
+    failed = {Path(r["image"]).name: r["error"] for r in records if r["caption"] is None}
+    assert set(failed) == set(BAD_NAMES) and all(failed.values())
+    good = run_cli("--checkpoint", str(checkpoint_dir), "--images", *(str(folder / n) for n in GOOD_NAMES),
+                   "--max_new_tokens", "4")
+    assert good.returncode == 0, good.stderr
 
 
 def test_cli_exits_non_zero_when_nothing_is_captioned(tmp_path, checkpoint_dir):

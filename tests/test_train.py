@@ -187,7 +187,8 @@ def test_ddp_over_one_process_trains_as_one_process_does(tmp_path, data_root):
     common = ("--train.epochs", "2", "--train.grad_accum_steps", "2")  # 2 steps per epoch; phase 2 from step 3
     plain, ddp = tmp_path / "plain", tmp_path / "ddp"
     run(run_args(plain, data_root, 16, *common))
-    run(run_args(ddp, data_root, 16, *common, "--train.use_ddp", "True"))
+    done = run(run_args(ddp, data_root, 16, *common, "--train.use_ddp", "True"))
+    assert "is deprecated" not in done.stderr, done.stderr
     assert "Run: 1 process(es) on cpu, precision fp32, DDP over one process (train.use_ddp)" in log_text(ddp)
     assert "DDP over one process" not in log_text(plain)
     steps = read_steps(ddp)
@@ -357,6 +358,7 @@ def test_sigterm_to_the_process_group_saves_with_loader_workers(tmp_path, data_r
     output, _ = proc.communicate(timeout=120)
     assert proc.returncode == 0, output[-3000:]
     assert_saved_on_stop(run_dir, "SIGTERM", ranks=1)
+    assert "is deprecated" not in output, output  # no library deprecation notes on every run
 
 
 def test_sigterm_to_torchrun_saves_on_every_rank(tmp_path, data_root):
@@ -393,7 +395,8 @@ def test_a_second_fresh_run_into_the_same_folder_is_refused(tmp_path, data_root)
     """The newcomer runs the demo twice: the second run stops at start, saying how to resume, move or overwrite,
     and leaves the first run's checkpoints and tokenizer as they were."""
     run_dir = tmp_path / "run"
-    run(run_args(run_dir, data_root, 16, "--train.epochs", "1"))
+    run(run_args(run_dir, data_root, 16, "--train.epochs", "1"))  # lora_warmup_epochs 1: LoRA never trains
+    assert "LoRA never trains in this run: phase 2 would start after its last step (train.epochs 1" in log_text(run_dir)
     before = {p: p.stat().st_mtime_ns for p in (run_dir / "ckpt").rglob("*") if p.is_file()}
     done = run(run_args(run_dir, data_root, 16, "--train.epochs", "1"), check=False)
     assert done.returncode == 2 and "already holds a run" in done.stderr and "--resume latest" in done.stderr

@@ -14,7 +14,8 @@ from typing import ClassVar, Optional, Union
 
 import yaml
 
-from .config_parsing import ConfigError, from_dict, merge, parse_overrides as parse_overrides_for, upgrade_keys
+from .config_parsing import ConfigError, describe_options, from_dict, merge, upgrade_keys
+from .config_parsing import parse_overrides as parse_overrides_for
 
 
 @dataclass
@@ -415,13 +416,19 @@ def load_config(path: Optional[str | Path] = None, overrides: Optional[list[str]
         if not isinstance(loaded, dict):
             raise ConfigError(f"{path}: the top level must be a mapping")
         tree = upgrade_keys(RunConfig, loaded)
+    file_error = None
+    try:
+        from_dict(RunConfig, tree).validate()
+    except ConfigError as e:
+        file_error = e
+    if file_error is not None and path is not None:  # the file alone is wrong: blame it
+        raise ConfigError(f"{path}: {file_error}") from None
     if overrides:
         tree = merge(tree, parse_overrides(overrides))
     try:
         return from_dict(RunConfig, tree).validate()
-    except ConfigError as e:
-        where = f"{path}: " if path is not None else ""
-        raise ConfigError(f"{where}{e}") from None
+    except ConfigError as e:  # the file alone was fine (or there is none): the command line made it wrong
+        raise ConfigError(f"on the command line: {e}" if overrides else str(e)) from None
 
 
 def config_from_dict(tree: dict) -> RunConfig:
@@ -453,6 +460,12 @@ def split_config_arg(argv: list[str]) -> tuple[Optional[str], list[str]]:
 def main_config(argv: Optional[list[str]] = None, default_path: Optional[str] = None) -> RunConfig:
     """What an entry script calls: ``--config`` (or ``default_path``) plus overrides; exits with the message."""
     argv = sys.argv[1:] if argv is None else argv
+    if "--help" in argv or "-h" in argv:
+        print("usage: [--config FILE.yaml] [--section.field VALUE | --field VALUE ...]\n"
+              "Every field of the run's config can be set, dotted or by its unique name; a YAML file's values\n"
+              "come first, then the command line's.\n")
+        print(describe_options(RunConfig))
+        raise SystemExit(0)
     try:
         path, rest = split_config_arg(argv)
         return load_config(path or default_path, rest)

@@ -7,6 +7,7 @@ in YAML files, saved checkpoint configs and on the command line, and land on the
 from __future__ import annotations
 
 import dataclasses
+import difflib
 import types
 import typing
 from typing import Any, Optional
@@ -120,7 +121,8 @@ def from_dict(cls: type, data: dict, where: str = "") -> Any:
     for key, value in data.items():
         path = f"{where}.{key}" if where else str(key)
         if key not in names:
-            raise ConfigError(f"unknown config key {path!r} (known keys here: {', '.join(sorted(names))})")
+            raise ConfigError(f"unknown config key {path!r}{did_you_mean(str(key), names)} (known keys here: "
+                              f"{', '.join(sorted(names))})")
         kwargs[key] = coerce(value, hints[key], path)
     return cls(**kwargs)
 
@@ -161,8 +163,39 @@ def resolve_key(cls: type, key: str) -> str:
     if len(matches) == 1:
         return matches[0]
     if not matches:
-        raise ConfigError(f"unknown config option --{key}")
+        names = {*paths, *renamed} if "." in key else {p.split(".")[-1] for p in (*paths, *renamed)}
+        raise ConfigError(f"unknown config option --{key}{did_you_mean(key, names, prefix='--')}")
     raise ConfigError(f"ambiguous option --{key}: write one of " + ", ".join("--" + m for m in matches))
+
+
+def did_you_mean(name: str, known, prefix: str = "") -> str:
+    close = difflib.get_close_matches(name, sorted(known), n=2, cutoff=0.8)
+    return f"; did you mean {' or '.join(prefix + c for c in close)}?" if close else ""
+
+
+def describe_options(cls: type) -> str:
+    """Every option of ``cls`` with its type and default, grouped by section (what ``--help`` prints)."""
+    defaults = _flatten_defaults(cls())
+    lines, section = [], None
+    for path, annotation in leaf_paths(cls).items():
+        head = path.rsplit(".", 1)[0] if "." in path else ""
+        if head != section:
+            section = head
+            lines.append(f"\n{section or 'options'}:")
+        kind = getattr(annotation, "__name__", None) or str(annotation).replace("typing.", "")
+        lines.append(f"  --{path:<42} {kind:<16} default {defaults.get(path)!r}")
+    return "\n".join(lines).lstrip("\n")
+
+
+def _flatten_defaults(instance: Any, prefix: str = "") -> dict[str, Any]:
+    out = {}
+    for f in dataclasses.fields(instance):
+        value = getattr(instance, f.name)
+        if dataclasses.is_dataclass(value):
+            out.update(_flatten_defaults(value, f"{prefix}{f.name}."))
+        else:
+            out[f"{prefix}{f.name}"] = value
+    return out
 
 
 def set_path(tree: dict, dotted: str, value: Any) -> None:

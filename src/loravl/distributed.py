@@ -9,6 +9,9 @@ import torch
 import torch.distributed as dist
 import torch.distributed._functional_collectives as funcol
 
+# all_gather_single_autograd replaces all_gather_tensor_autograd (deprecated, warning at every call) where it exists.
+_all_gather_autograd = getattr(funcol, "all_gather_single_autograd", None) or funcol.all_gather_tensor_autograd
+
 
 def is_distributed() -> bool:
     return dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1
@@ -61,7 +64,7 @@ def _gather_padded(t: torch.Tensor, sizes: list[int]) -> torch.Tensor:
     the graph), and their backward sends each rank the gradient of its own rows, summed over the ranks' losses.
     """
     n = max(sizes)
-    gathered = funcol.all_gather_tensor_autograd(_pad_to(t.contiguous(), n), gather_dim=0, group=dist.group.WORLD)
+    gathered = _all_gather_autograd(_pad_to(t.contiguous(), n), gather_dim=0, group=dist.group.WORLD)
     if isinstance(gathered, funcol.AsyncCollectiveTensor):  # eager: wait here rather than at the first use
         gathered = gathered.wait()
     if all(s == n for s in sizes):

@@ -11,6 +11,7 @@ import argparse
 import glob
 import json
 import os
+import re
 import sys
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
@@ -133,8 +134,10 @@ def expand_image_inputs(inputs: Sequence[Union[str, os.PathLike]]) -> tuple[list
 
 
 def describe_skip(skip: Skip, source: str = "") -> str:
-    """"corrupt_image (image file is truncated)"; a detail that only repeats the file name is left out."""
-    return f"{skip.reason} ({skip.detail})" if skip.detail and skip.detail != source else skip.reason
+    """"corrupt_image (image file is truncated)"; a detail that only repeats the file name is left out, and one
+    that names the in-memory stream PIL read (``<_io.BytesIO object at 0x...>``) names the file instead."""
+    detail = re.sub(r"<_io\.BytesIO object at 0x[0-9a-f]+>", source or "the image", skip.detail or "")
+    return f"{skip.reason} ({detail})" if detail and detail != source else skip.reason
 
 
 class ImagePreparer:
@@ -232,7 +235,9 @@ def caption(model: "VisionLanguageModel", images: Union[ImageInput, Sequence[Ima
 def build_arg_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="generate_captions.py",
-        description="Caption images with a trained loravl model; prints 'path<TAB>caption' per image.")
+        description="Caption images with a trained loravl model; prints 'path<TAB>caption' per image.",
+        epilog="Exit status: 0 when every input was captioned, 1 when any was not (each named on stderr, and in "
+               "--output as a row with its error), 2 for bad options or a model that cannot be loaded.")
     parser.add_argument("--checkpoint", required=True,
                         help="training checkpoint folder, a checkpoint dir with a 'latest' pointer "
                              "(or its 'latest'), or an exported model folder")
@@ -265,7 +270,7 @@ def quiet_library_output() -> None:
 
 
 def main(argv: Optional[Sequence[str]] = None) -> int:
-    """Exit status 0 when at least one image was captioned, 1 when none was."""
+    """Exit status 0 when every input was captioned, 1 when any was not, 2 for bad options or model."""
     from loravl.loading import load_model
 
     args = build_arg_parser().parse_args(argv)
@@ -282,6 +287,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         print(f"error: {result.source}: {result.error}", file=sys.stderr)
     if not paths:
         print("error: no images to caption", file=sys.stderr)
+        _write_rows(args.output, input_errors)
         return 1
 
     try:
@@ -292,22 +298,28 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     if args.seed is not None:
         torch.manual_seed(args.seed)
 
-    captioned = 0
-    output = open(args.output, "w", encoding="utf-8") if args.output else None
-    try:
-        for result in caption_images(model, paths, batch_size=args.batch_size, max_new_tokens=args.max_new_tokens,
-                                     data_cfg=run_cfg.data, num_workers=args.num_workers, **gen_kwargs):
-            if result.error is not None:
-                print(f"error: {result.source}: {result.error}", file=sys.stderr, flush=True)
-                continue
-            captioned += 1
+    results: list[CaptionResult] = list(input_errors)
+    for result in caption_images(model, paths, batch_size=args.batch_size, max_new_tokens=args.max_new_tokens,
+                                 data_cfg=run_cfg.data, num_workers=args.num_workers, **gen_kwargs):
+        results.append(result)
+        if result.error is not None:
+            print(f"error: {result.source}: {result.error}", file=sys.stderr, flush=True)
+        else:
             print(f"{result.source}\t{result.caption}", flush=True)
-            if output is not None:
-                output.write(json.dumps({"image": result.source, "caption": result.caption}) + "\n")
-    finally:
-        if output is not None:
-            output.close()
-    failed = len(paths) - captioned
-    print(f"captioned {captioned} of {len(paths)} images" + (f", {failed} unreadable" if failed else ""),
+    _write_rows(args.output, results)
+    failed = sum(r.error is not None for r in results)
+    total = len(paths) + len(input_errors)
+    print(f"captioned {total - failed} of {total} inputs" + (f", {failed} failed" if failed else ""),
           file=sys.stderr)
-    return 0 if captioned else 1
+    return 1 if failed else 0
+
+
+def _write_rows(path: Optional[str], results: Sequence[CaptionResult]) -> None:
+    """``--output``: a JSONL row per input, its caption or (caption null) the reason it has none."""
+    if not path:
+        return
+    with open(path, "w", encoding="utf-8") as output:
+        for r in results:
+            row = {"image": r.source, "caption": r.caption} if r.error is None else \
+                {"image": r.source, "caption": None, "error": r.error}
+            output.write(json.dumps(row) + "\n")

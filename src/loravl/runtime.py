@@ -7,6 +7,7 @@ import os
 import random
 import signal
 import sys
+import warnings
 from dataclasses import dataclass
 from typing import Any, Optional
 
@@ -77,6 +78,15 @@ def wrap_model(model: nn.Module, env: DistributedEnv) -> nn.Module:
 def barrier() -> None:
     if dist.is_initialized():
         dist.barrier()
+
+
+def quiet_known_warnings() -> None:
+    """Deprecation notes every run would print that are not ours to act on, filtered by their own words."""
+    warnings.filterwarnings("ignore", message="'set_vital' is deprecated", category=UserWarning)  # torchdata's own
+    warnings.filterwarnings("ignore", message="`is_gradient_checkpointing` is deprecated")  # PEFT's call into HF
+    # Ours, but the replacement it names syncs buffers when DDP wraps the model, which the warning itself says to
+    # avoid where buffers must not be synced then (the ITC queue is identical on every rank by construction).
+    warnings.filterwarnings("ignore", message="`broadcast_buffers` is deprecated", category=FutureWarning)
 
 
 def stop_with_launcher() -> None:

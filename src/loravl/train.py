@@ -38,7 +38,7 @@ from .optim import apply_learning_rates, build_optimizer, build_scheduler, lora_
 from .profiling import StepProfiler
 from .resume import check_resume
 from .runtime import (DistributedEnv, StopSignal, barrier, check_replicas, close_distributed, init_distributed,
-                      seed_everything, wrap_model)
+                      quiet_known_warnings, seed_everything, wrap_model)
 from .text import CaptionTokenizer, train_tokenizer
 from .weights import ModelWeights
 
@@ -50,6 +50,7 @@ TOKENIZER_MAX_CAPTIONS = 500_000
 
 def train(cfg: RunConfig) -> VisionLanguageModel:
     """Train (or resume) the run ``cfg`` describes; returns this rank's model."""
+    quiet_known_warnings()
     env = init_distributed(cfg.train)
     try:
         return _train(cfg, env)
@@ -83,6 +84,10 @@ def _train(cfg: RunConfig, env: DistributedEnv) -> VisionLanguageModel:
                 loader.loader.num_workers, cfg.data.num_workers)
     steps_per_epoch = count_steps_per_epoch(loader, tc.grad_accum_steps)
     total_steps = count_total_steps(tc, steps_per_epoch)
+    if not lora_phase_due(tc, TrainState(epoch=tc.epochs - 1, step=total_steps - 1)):
+        logger.warning("LoRA never trains in this run: phase 2 would start after its last step (train.epochs %d, "
+                       "train.lora_warmup_epochs %d, train.lora_warmup_steps %s, %d steps)", tc.epochs,
+                       tc.lora_warmup_epochs, tc.lora_warmup_steps, total_steps)
 
     model = build_training_model(cfg.model, tc, tokenizer, env, precision)
 

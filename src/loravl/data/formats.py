@@ -190,6 +190,9 @@ def read_manifest(manifest: Path, image_column: str, text_column: str, image_roo
                     row = json.loads(line)
                 except json.JSONDecodeError as e:
                     raise DataFormatError(f"{manifest}:{line_number}: not valid JSON: {e}") from None
+                if not isinstance(row, dict):
+                    raise DataFormatError(f"{manifest}:{line_number}: a JSON {type(row).__name__}, not an object "
+                                          f"with fields {image_column!r} and {text_column!r}")
                 for name, field in ((image_column, "image_column"), (text_column, "text_column")):
                     if name not in row:
                         raise DataFormatError(
