@@ -342,7 +342,10 @@ def newest_usable_checkpoint(directory: Path) -> tuple[Path | None, list[tuple[s
     pointer = directory / LATEST
     if pointer.is_file():
         try:
-            named = directory / pointer.read_text().strip()
+            text = pointer.read_text().strip()
+            named = directory / text if text else None
+            if not text:
+                skipped.append((LATEST, "empty"))
         except (OSError, UnicodeDecodeError) as e:
             named = None
             skipped.append((LATEST, f"unreadable ({type(e).__name__})"))

@@ -17,11 +17,24 @@ def train(argv: Optional[Sequence[str]] = None) -> None:
     try:
         run_training(cfg)
     except ConfigError as e:
-        print(f"config error: {e}", file=sys.stderr)
-        raise SystemExit(2)
+        _report_and_exit("config error", e)
     except CheckpointError as e:
-        print(f"checkpoint error: {e}", file=sys.stderr)
-        raise SystemExit(2)
+        _report_and_exit("checkpoint error", e)
+
+
+def _report_and_exit(kind: str, error: Exception) -> None:
+    """A run that cannot start says why once (rank 0), on stderr and in training.log (the file users tail);
+    the other ranks exit with the same status, silently."""
+    import logging
+    import os
+
+    if int(os.environ.get("RANK", "0")) == 0:
+        print(f"{kind}: {error}", file=sys.stderr)
+        record = logging.LogRecord("loravl", logging.ERROR, __file__, 0, f"{kind}: {error}", None, None)
+        for handler in logging.getLogger("loravl").handlers:
+            if isinstance(handler, logging.FileHandler):
+                handler.handle(record)
+    raise SystemExit(2)
 
 
 def caption(argv: Optional[Sequence[str]] = None) -> int:

@@ -11,7 +11,6 @@ import argparse
 import glob
 import json
 import os
-import re
 import sys
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
@@ -25,7 +24,7 @@ from loravl.config import DataConfig
 from loravl.device import bf16_autocast, resolve_device
 from loravl.data.formats import IMAGE_EXTENSIONS
 from loravl.data.images import build_transform, load_rgb_image, to_rgb
-from loravl.data.skips import Skip
+from loravl.data.skips import Skip, readable_detail
 
 if TYPE_CHECKING:
     from loravl.model import VisionLanguageModel
@@ -136,7 +135,7 @@ def expand_image_inputs(inputs: Sequence[Union[str, os.PathLike]]) -> tuple[list
 def describe_skip(skip: Skip, source: str = "") -> str:
     """"corrupt_image (image file is truncated)"; a detail that only repeats the file name is left out, and one
     that names the in-memory stream PIL read (``<_io.BytesIO object at 0x...>``) names the file instead."""
-    detail = re.sub(r"<_io\.BytesIO object at 0x[0-9a-f]+>", source or "the image", skip.detail or "")
+    detail = readable_detail(skip.detail, source)
     return f"{skip.reason} ({detail})" if detail and detail != source else skip.reason
 
 

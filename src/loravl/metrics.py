@@ -237,4 +237,6 @@ def format_skips(loader: Any) -> str:
     if not skips.skipped:
         return f"{skips.seen} samples, none skipped"
     reasons = ", ".join(f"{r}: {n}" for r, n in skips.reasons.most_common())
-    return f"{skips.seen} samples, {skips.skipped} skipped ({reasons})"
+    named = "; ".join(example for reason, _ in skips.reasons.most_common()
+                      for example in skips.examples.get(reason, ()))
+    return f"{skips.seen} samples, {skips.skipped} skipped ({reasons})" + (f"; first: {named}" if named else "")

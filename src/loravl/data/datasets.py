@@ -51,7 +51,8 @@ class SampleBuilder:
         image = load_rgb_image(record.image, max_pixels=self.max_pixels, min_size=self.min_size,
                                target_size=self.decode_size, as_tensor=True)
         if isinstance(image, Skip):
-            return image
+            source = record.image if isinstance(record.image, str) else f"image {record.image_id}"
+            return Skip(image.reason, image.detail, source)
         if self.train:
             # One generator a sample draws the caption and the crop: seeded by (seed, epoch, key), not by any
             # process's RNG state, so a resumed epoch or another worker count gives the same samples.

@@ -6,6 +6,7 @@ they survive worker processes without shared state.
 """
 from __future__ import annotations
 
+import re
 from collections import Counter
 from dataclasses import dataclass, field
 from typing import Any, Mapping
@@ -25,10 +26,22 @@ READ_ERROR = "read_error"
 
 @dataclass(frozen=True)
 class Skip:
-    """Stands in for a sample that could not be used."""
+    """Stands in for a sample that could not be used; ``source`` names its file where one is known."""
 
     reason: str
     detail: str = ""
+    source: str = ""
+
+    def describe(self) -> str:
+        """"photos/a.jpg (corrupt_image: image file is truncated)", for the log's first skipped samples."""
+        detail = readable_detail(self.detail, self.source)
+        what = f"{self.reason}: {detail}" if detail and detail != self.source else self.reason
+        return f"{self.source} ({what})" if self.source else what
+
+
+def readable_detail(detail: str, source: str = "") -> str:
+    """PIL names the in-memory stream it read (``<_io.BytesIO object at 0x...>``): name the file instead."""
+    return re.sub(r"<_io\.BytesIO object at 0x[0-9a-f]+>", source or "the image", detail or "")
 
 
 class TooManySkippedError(RuntimeError):
@@ -52,12 +65,18 @@ def check_skip_fraction(counter: Mapping[str, int], seen: int, max_skip_fraction
             f"data.max_skip_fraction={max_skip_fraction}; reasons: {reasons}. Check the data paths and files.")
 
 
+# How many skipped samples of each reason an epoch's log line names.
+EXAMPLES_PER_REASON = 3
+
+
 @dataclass
 class SkipCounter:
-    """Per-epoch totals of kept and skipped samples, fed batch by batch (``update(batch)``)."""
+    """Per-epoch totals of kept and skipped samples, fed batch by batch (``update(batch)``), and the first few
+    skipped samples of each reason (``batch["skipped_examples"]``), for the log."""
 
     seen: int = 0
     reasons: Counter = field(default_factory=Counter)
+    examples: dict = field(default_factory=dict)
 
     @property
     def skipped(self) -> int:
@@ -71,6 +90,10 @@ class SkipCounter:
         skipped: Counter = batch["skipped"]
         self.reasons.update(skipped)
         self.seen += len(batch["captions"]) + sum(skipped.values())
+        for reason, described in batch.get("skipped_examples", ()):
+            named = self.examples.setdefault(reason, [])
+            if len(named) < EXAMPLES_PER_REASON:
+                named.append(described)
 
     def check(self, max_skip_fraction: float, *, min_seen: int = 0) -> None:
         check_skip_fraction(self.reasons, self.seen, max_skip_fraction, min_seen=min_seen)
@@ -78,6 +101,7 @@ class SkipCounter:
     def reset(self) -> None:
         self.seen = 0
         self.reasons = Counter()
+        self.examples = {}
 
     def state_dict(self) -> dict[str, Any]:
         return {"seen": self.seen, "reasons": dict(self.reasons)}
