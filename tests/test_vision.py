@@ -329,3 +329,22 @@ def test_random_init_gets_position_embeddings_as_strong_as_the_patch_signal(tmp_
     assert cos(positions[0], positions[4], dim=0) > cos(positions[0], positions[12], dim=0)
     loaded = VisionEncoder(VisionConfig(pretrained=str(tmp_path), image_size=56))  # from weights: untouched
     assert not torch.allclose(loaded.model.base_model.model.embeddings.position_embeddings[0, 1:], positions)
+
+
+def test_an_unreachable_hub_fails_in_seconds_with_the_offline_ways(monkeypatch, tmp_path):
+    """A hub name not in the cache, with the hub unreachable (here a closed port on this machine): the error comes
+    at once, not after transformers' half minute of retries, and says how to train offline."""
+    import time
+
+    import huggingface_hub.constants
+
+    from loravl.config import ConfigError, VisionConfig
+    from loravl.vision import load_dinov2
+
+    monkeypatch.setattr(huggingface_hub.constants, "ENDPOINT", "http://127.0.0.1:9")
+    monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_CACHE", str(tmp_path / "empty_cache"))
+    started = time.perf_counter()
+    with pytest.raises(ConfigError, match=r"'facebook/dinov2-base' is not a local folder nor in the local cache.*"
+                                          r"configs/models/dinov2-base --model.vision.random_init true"):
+        load_dinov2(VisionConfig(pretrained="facebook/dinov2-base"))
+    assert time.perf_counter() - started < 10

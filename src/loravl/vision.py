@@ -8,6 +8,8 @@ from __future__ import annotations
 
 import logging
 import math
+import socket
+from pathlib import Path
 
 import torch
 import torch.nn.functional as F
@@ -23,12 +25,40 @@ logger = logging.getLogger(__name__)
 
 DINOV2_MODEL_TYPES = ("dinov2", "dinov2_with_registers")
 
+def hub_reachable(timeout_s: float = 3.0) -> bool:
+    """Whether the model hub (``HF_ENDPOINT``) accepts a connection within ``timeout_s``."""
+    from urllib.parse import urlparse
+
+    from huggingface_hub import constants
+
+    if constants.HF_HUB_OFFLINE:
+        return False
+    url = urlparse(constants.ENDPOINT)
+    try:
+        socket.create_connection((url.hostname, url.port or (443 if url.scheme == "https" else 80)),
+                                 timeout=timeout_s).close()
+        return True
+    except OSError:
+        return False
+
+
 def load_dinov2(cfg: VisionConfig) -> nn.Module:
     """DINOv2 from a hub name or local folder; with ``random_init`` only its config is read."""
     try:
-        hf_config = AutoConfig.from_pretrained(cfg.pretrained)
-    except (OSError, ValueError) as e:
-        raise ConfigError(f"model.vision.pretrained: cannot load {cfg.pretrained!r}: {e}") from e
+        hf_config = AutoConfig.from_pretrained(cfg.pretrained, local_files_only=True)
+    except (OSError, ValueError):
+        # Not a local folder nor cached: the hub must answer. Without a network transformers would retry for
+        # half a minute before saying so; ask once, briefly, first.
+        if not Path(cfg.pretrained).exists() and not hub_reachable():
+            raise ConfigError(
+                f"model.vision.pretrained: {cfg.pretrained!r} is not a local folder nor in the local cache, and the "
+                f"model hub cannot be reached. Offline, give a folder written by save_pretrained, or train "
+                f"dinov2-base's architecture with random weights: --model.vision.pretrained "
+                f"configs/models/dinov2-base --model.vision.random_init true") from None
+        try:
+            hf_config = AutoConfig.from_pretrained(cfg.pretrained)
+        except (OSError, ValueError) as e:
+            raise ConfigError(f"model.vision.pretrained: cannot load {cfg.pretrained!r}: {e}") from e
     if hf_config.model_type not in DINOV2_MODEL_TYPES:
         raise ConfigError(
             f"model.vision.pretrained: {cfg.pretrained!r} is a {hf_config.model_type!r} model; "
