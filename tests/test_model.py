@@ -198,3 +198,35 @@ def test_whole_forward_compiles_once_per_phase_and_matches_eager(tiny_model_conf
     for (name, a), b in zip(eager.state_dict().items(), compiled.state_dict().values()):
         torch.testing.assert_close(b, a, atol=1e-5, rtol=1e-4, msg=name)  # queue, momentum copies, weights
     assert int(compiled.queue.filled) == 16
+
+
+def test_temperature_keeps_its_gradient_at_the_bound_and_is_clamped_after_the_step(tiny_model_config,
+                                                                                    tiny_tokenizer):
+    """ALBEF clamps the ITC temperature itself after each optimizer step: at its bound the forward still gives it a
+    gradient (a clamp inside the forward gave none outside the range, so it could never come back), and the
+    trainer's step puts an overshooting value back at the bound."""
+    from collections import Counter
+
+    from loravl.config import TrainConfig
+    from loravl.device import choose_precision
+    from loravl.optim import build_optimizer
+    from loravl.runtime import DistributedEnv
+    from loravl.train import train_step
+
+    loss = tiny_model_config.loss
+    torch.manual_seed(0)
+    model = VisionLanguageModel(tiny_model_config, tiny_tokenizer).train()
+    with torch.no_grad():
+        model.temperature.fill_(loss.min_temperature)
+    model(**tiny_batch(tiny_tokenizer, seed=2))["loss"].backward()
+    assert model.temperature.grad is not None and model.temperature.grad.abs() > 0
+    # A step far too large for the temperature: it leaves the range, and the step clamps it back.
+    tc = TrainConfig(lr=10.0, max_grad_norm=0.0, weight_decay=0.0)
+    env = DistributedEnv(rank=0, local_rank=0, world_size=1, device=torch.device("cpu"))
+    optimizer = build_optimizer(model, tc, env.device)
+    model.zero_grad()
+    train_step(model, [{**tiny_batch(tiny_tokenizer, seed=3), "skipped": Counter()}], optimizer,
+               choose_precision("no", env.device), tc, env)
+    assert loss.min_temperature <= float(model.temperature) <= loss.max_temperature
+    assert any(float(model.temperature) == pytest.approx(bound) for bound in (loss.min_temperature,
+                                                                              loss.max_temperature))

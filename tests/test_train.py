@@ -153,7 +153,7 @@ def test_exact_resume_chain_add_group(tmp_path, data_root):
     assert got == expected
     text = log_text(resumed)
     for step, epoch in ((2, 0), (4, 1), (6, 1)):
-        assert f"Resumed from {resumed / 'ckpt' / f'step_{step:08d}'} at epoch {epoch} step {step}" in text
+        assert f"Resumed from {resumed / 'ckpt' / f'step_{step:08d}'} at epoch {epoch} step {step}," in text
     # The final weights agree too, and the run ended with an export.
     final = f"step_{12:08d}"
     a = read_weights(reference / "ckpt" / final / "model.safetensors")
@@ -179,6 +179,26 @@ def test_exact_resume_recreate_two_ranks(tmp_path, data_root):
     run(run_args(resumed, data_root, 32, *common, "--train.resume", "latest"), nproc=2)
     assert losses(read_steps(resumed)) == losses(read_steps(reference))
     assert len(read_steps(reference)) == 6 and read_steps(reference)[3]["phase"] == 2
+
+
+def test_phase_lines_stay_true_across_resumes_on_two_ranks(tmp_path, data_root):
+    """Stopped in phase 1, at the switch and in phase 2, each time resumed (2 ranks): the log holds one
+    "Phase 1" line (the fresh start), one "Phase 2" line (the switch, written when it happened, after the resume
+    that reached it), and each resume's own line naming its phase and trainable parameters."""
+    run_dir = tmp_path / "run"  # 32 images, 2 ranks x batch 4: 4 steps an epoch, phase 2 from step 5
+    args = run_args(run_dir, data_root, 32, "--train.epochs", "3")
+    run(args + ["--train.stop_at_step", "2"], nproc=2)  # in phase 1
+    run(args + ["--train.resume", "latest", "--train.stop_at_step", "4"], nproc=2)  # the last step before the switch
+    run(args + ["--train.resume", "latest", "--train.stop_at_step", "6"], nproc=2)  # in phase 2
+    run(args + ["--train.resume", "latest"], nproc=2)
+    text = log_text(run_dir)
+    assert text.count("Phase 1: LoRA adapters FROZEN") == 1 and text.count("Phase 2: LoRA adapters UNFROZEN") == 1
+    resumes = re.findall(r"Resumed from .*step_(\d+) at epoch \d+ step \d+, in phase (\d) \(LoRA (\w+)\)", text)
+    assert resumes == [("00000002", "1", "frozen"), ("00000004", "1", "frozen"), ("00000006", "2", "trains")]
+    order = [text.index(s) for s in ("Phase 1: LoRA", "step_00000002 at epoch", "step_00000004 at epoch",
+                                       "Phase 2: LoRA", "step_00000006 at epoch")]
+    assert order == sorted(order)
+    assert max(read_steps(run_dir)) == 12
 
 
 def test_ddp_over_one_process_trains_as_one_process_does(tmp_path, data_root):
@@ -439,6 +459,7 @@ def test_resume_refuses_settings_of_another_run_and_applies_those_that_may_chang
     assert "Resume: data.num_workers changed from 0 to 1" in text and "Resume: train.lr changed from 0.001 to 0.002" in text
     assert "Data loader: saved with 0 worker(s), resumed with 1: restarted at epoch 0 batch 2" in text
     before, after = read_steps(reference), read_steps(changed)
+    assert before[1]["lr"][0] == pytest.approx(1e-3 / 3)  # a line's rate is its own step's: warmup step 1 of 3
     assert after[2]["lr"][0] == pytest.approx(before[2]["lr"][0])  # written before the resume
     assert after[3]["lr"][0] == pytest.approx(2 * before[3]["lr"][0]) and after[8]["lr"][0] == pytest.approx(
         2 * before[8]["lr"][0])

@@ -124,8 +124,12 @@ class VisionLanguageModel(nn.Module):
         online, momentum = self._momentum_params
         torch._foreach_lerp_(momentum, online, 1.0 - self.cfg.loss.momentum)
 
-    def clamped_temperature(self) -> torch.Tensor:
-        return self.temperature.clamp(self.cfg.loss.min_temperature, self.cfg.loss.max_temperature)
+    @torch.no_grad()
+    def clamp_parameters(self) -> None:
+        """The ITC temperature back into [min_temperature, max_temperature], after each optimizer step (ALBEF's
+        ``temp.clamp_``). A clamp inside the forward would give it no gradient outside that range, so it could never
+        come back; the forward itself never writes a parameter (DDP replicas would drift)."""
+        self.temperature.clamp_(self.cfg.loss.min_temperature, self.cfg.loss.max_temperature)
 
     # -- encoders -----------------------------------------------------------------------------------------------
 
@@ -219,7 +223,7 @@ class VisionLanguageModel(nn.Module):
         w = self.cfg.loss
         image = self.encode_image(pixel_values)
         text = self.encode_text(input_ids, attention_mask)
-        temperature = self.clamped_temperature()
+        temperature = self.temperature
 
         with torch.no_grad():
             if self.training:

@@ -96,11 +96,13 @@ def _train(cfg: RunConfig, env: DistributedEnv) -> VisionLanguageModel:
     optimizer = build_optimizer(model, tc, env.device)
     scheduler = build_scheduler(optimizer, tc, total_steps, steps_done=0)
     state = TrainState()
-    log_phase(model, phase=1)
+    if resume_from is None:  # a phase line is written only when it is true: once at a fresh start, once at the switch
+        log_phase(model, phase=1)
 
     if resume_from is not None:
         if saved.lora_unfrozen:  # build the phase-2 optimizer the checkpoint holds
-            ddp_model, optimizer, scheduler = unfreeze_lora(model, optimizer, tc, env, total_steps, state)
+            ddp_model, optimizer, scheduler = unfreeze_lora(model, optimizer, tc, env, total_steps, state,
+                                                            announce=False)
         # At an epoch boundary the next epoch starts fresh: an exhausted loader's state is not restored. With
         # another number of processes (only there) each rank keeps its own fresh RNG stream.
         rank_pieces = per_rank_pieces(loader if saved.step_in_epoch > 0 else None) if same_split else {}
@@ -108,7 +110,10 @@ def _train(cfg: RunConfig, env: DistributedEnv) -> VisionLanguageModel:
                           rank_pieces, state)
         if {"train.lr", "train.lora_lr"} & set(changed):  # the restored groups carry the old rates
             scheduler = apply_learning_rates(optimizer, tc, total_steps, state.step)
-        logger.info("Resumed from %s at epoch %d step %d", resume_from, state.epoch, state.step)
+        trainable = sum(p.numel() for _, p in model.trainable_parameters())
+        logger.info("Resumed from %s at epoch %d step %d, in phase %d (LoRA %s) | Trainable params: %s",
+                    resume_from, state.epoch, state.step, state.phase, "trains" if state.lora_unfrozen else "frozen",
+                    f"{trainable:,}")
 
     # The loader-bound hint only where a GPU steps: on the CPU the workers and the step share the cores, and more
     # workers take them from the step (configs/demo.yaml).
@@ -143,10 +148,11 @@ def _train(cfg: RunConfig, env: DistributedEnv) -> VisionLanguageModel:
                 epoch_over = True
                 break
             step_metrics = train_step(ddp_model, micro_batches, optimizer, precision, tc, env)
+            lrs = scheduler.get_last_lr()  # the rates this step used; after scheduler.step() the next step's
             scheduler.step()
             state.step += 1
             state.step_in_epoch += 1
-            metrics.record(state, step_metrics, lrs=scheduler.get_last_lr())
+            metrics.record(state, step_metrics, lrs=lrs)
             profiler.step_done(state.step)
 
             stopping = stop.requested() or (tc.stop_at_step is not None and state.step >= tc.stop_at_step)
@@ -223,10 +229,11 @@ def lora_phase_due(tc: TrainConfig, state: TrainState) -> bool:
 
 
 def unfreeze_lora(model: VisionLanguageModel, optimizer: torch.optim.Optimizer, tc: TrainConfig,
-                  env: DistributedEnv, total_steps: int,
-                  state: TrainState) -> tuple[nn.Module, torch.optim.Optimizer, LambdaLR]:
+                  env: DistributedEnv, total_steps: int, state: TrainState,
+                  announce: bool = True) -> tuple[nn.Module, torch.optim.Optimizer, LambdaLR]:
     """Phase 1 -> phase 2: LoRA trains; a new DDP wrapper (the old one does not know the LoRA parameters, so
-    their gradients would never be averaged); LoRA joins the optimizer at ``lora_lr``; the schedule continues."""
+    their gradients would never be averaged); LoRA joins the optimizer at ``lora_lr``; the schedule continues.
+    ``announce``: log the switch (not when a resume rebuilds the phase-2 optimizer its checkpoint holds)."""
     model.set_lora_trainable(True)
     gc.collect()  # drop the old DDP wrapper (and its gradient hooks) before the new one registers its own
     ddp_model = wrap_model(model, env)
@@ -236,7 +243,8 @@ def unfreeze_lora(model: VisionLanguageModel, optimizer: torch.optim.Optimizer, 
         optimizer = build_optimizer(model, tc, env.device)
     scheduler = build_scheduler(optimizer, tc, total_steps, steps_done=state.step)
     state.lora_unfrozen = True
-    log_phase(model, phase=2)
+    if announce:
+        log_phase(model, phase=2)
     return ddp_model, optimizer, scheduler
 
 
@@ -288,6 +296,7 @@ def train_step(ddp_model: nn.Module, micro_batches: list[dict[str, Any]],
         images += inputs["pixel_values"].shape[0]
     with record_function("loravl: optimizer"):
         grad_norm, bad = clip_and_step(params, optimizer, precision, tc, losses["loss"], keep_grad_buffers)
+        (ddp_model.module if isinstance(ddp_model, DDP) else ddp_model).clamp_parameters()
     skipped = Counter()
     for batch in micro_batches:
         skipped.update(batch["skipped"])
