@@ -121,3 +121,22 @@ def test_itc_masked_candidates_equal_leaving_them_out():
     assert torch.isfinite(masked) and torch.allclose(masked, sliced, atol=1e-6)
     assert torch.allclose(grad_masked, grad_sliced, atol=1e-6)
     assert not torch.allclose(masked, unmasked, atol=1e-3)  # the empty slots would have counted
+
+
+def test_distillation_ramps_from_zero_over_its_steps():
+    """ALBEF's alpha: 0 at the first step, linear to its value after ``ramp_steps``, then constant; and an alpha
+    of 0 given as a tensor (the model's per-step buffer) is exactly no distillation."""
+    from loravl.losses import distill_alpha_at
+
+    assert [distill_alpha_at(s, 0.4, 4) for s in (0, 1, 2, 4, 100)] == [0.0, 0.1, 0.2, 0.4, 0.4]
+    assert distill_alpha_at(0, 0.4, 0) == 0.4  # no ramp
+    g = torch.Generator().manual_seed(0)
+    feats = [F.normalize(torch.randn(6, 8, generator=g), dim=-1) for _ in range(6)]
+    ids = torch.arange(6)
+    temperature = torch.tensor(0.07)
+    plain = itc_loss(feats[0], feats[1], feats[2], feats[3], ids, ids, temperature)
+    zero = itc_loss(feats[0], feats[1], feats[2], feats[3], ids, ids, temperature, torch.tensor(0.0),
+                    feats[4], feats[5])
+    full = itc_loss(feats[0], feats[1], feats[2], feats[3], ids, ids, temperature, torch.tensor(0.4),
+                    feats[4], feats[5])
+    assert torch.equal(zero, plain) and not torch.allclose(full, plain)

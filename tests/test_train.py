@@ -201,6 +201,21 @@ def test_phase_lines_stay_true_across_resumes_on_two_ranks(tmp_path, data_root):
     assert max(read_steps(run_dir)) == 12
 
 
+def test_momentum_distillation_ramps_in_from_zero(tmp_path, data_root):
+    """ALBEF's alpha ramp, through the trainer: its first step distils with alpha 0, so its loss is exactly that of
+    a run without distillation; without the ramp the first step's loss differs."""
+    common = ("--train.epochs", "1", "--train.stop_at_step", "2")
+    first_loss = {}
+    for name, extra in (("none", ("--model.loss.distill_alpha", "0")),
+                        ("ramped", ("--model.loss.distill_alpha", "0.4")),  # over the first epoch
+                        ("unramped", ("--model.loss.distill_alpha", "0.4", "--model.loss.distill_alpha_ramp_steps",
+                                      "0"))):
+        run(run_args(tmp_path / name, data_root, 16, *common, *extra))
+        first_loss[name] = read_steps(tmp_path / name)[1]["loss_itc"]
+    assert first_loss["ramped"] == first_loss["none"]
+    assert first_loss["unramped"] != first_loss["none"]
+
+
 def test_ddp_over_one_process_trains_as_one_process_does(tmp_path, data_root):
     """train.use_ddp on one process: the model trains under DDP (a one-process group), through its re-wrap at the
     phase switch and no_sync over 2 micro-batches, and every step's losses equal the plain process's."""

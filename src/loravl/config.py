@@ -128,8 +128,11 @@ class LossConfig:
     max_temperature: float = 0.5
     queue_size: int = 4096
     momentum: float = 0.995
-    # ALBEF's momentum distillation: the ITC target mixes alpha of the momentum model's similarities.
+    # ALBEF's momentum distillation: the ITC target mixes alpha of the momentum model's similarities. Alpha ramps
+    # from 0 over distill_alpha_ramp_steps optimizer steps (None: the first epoch, as ALBEF; 0: no ramp), while
+    # the momentum model is as untrained as the online one.
     distill_alpha: float = 0.4
+    distill_alpha_ramp_steps: Optional[int] = None
     # batch: hard negatives from the global batch; queue: from the ITC queue (which then keeps tokens and ids)
     itm_negatives: str = "batch"
     label_smoothing: float = 0.1
@@ -147,6 +150,8 @@ class LossConfig:
         _check(self.queue_size >= 0, prefix, "queue_size", "must be >= 0")
         _check(0.0 <= self.momentum < 1.0, prefix, "momentum", "must be in [0, 1)")
         _check(0.0 <= self.distill_alpha <= 1.0, prefix, "distill_alpha", "must be in [0, 1]")
+        _check(self.distill_alpha_ramp_steps is None or self.distill_alpha_ramp_steps >= 0, prefix,
+               "distill_alpha_ramp_steps", "must be >= 0")
         _check(self.itm_negatives in ("batch", "queue"), prefix, "itm_negatives", "must be 'batch' or 'queue'")
         _check(self.itm_negatives != "queue" or self.queue_size > 0, prefix, "itm_negatives",
                "'queue' needs queue_size > 0")

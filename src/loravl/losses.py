@@ -6,7 +6,7 @@
 """
 from __future__ import annotations
 
-from typing import Optional
+from typing import Optional, Union
 
 import torch
 import torch.nn.functional as F
@@ -72,7 +72,7 @@ class FeatureQueue(nn.Module):
 def itc_loss(image_feat: torch.Tensor, text_feat: torch.Tensor,
              image_feat_all: torch.Tensor, text_feat_all: torch.Tensor,
              image_ids: torch.Tensor, image_ids_all: torch.Tensor, temperature: torch.Tensor,
-             distill_alpha: float = 0.0,
+             distill_alpha: Union[float, torch.Tensor] = 0.0,
              image_feat_m: Optional[torch.Tensor] = None, text_feat_m: Optional[torch.Tensor] = None,
              candidate_mask: Optional[torch.Tensor] = None) -> torch.Tensor:
     """Image-text contrastive loss (ALBEF).
@@ -91,7 +91,7 @@ def itc_loss(image_feat: torch.Tensor, text_feat: torch.Tensor,
     sim_i2t = _mask_candidates(image_feat @ text_feat_all.t() / temperature, candidate_mask)
     sim_t2i = _mask_candidates(text_feat @ image_feat_all.t() / temperature, candidate_mask)
     i2t_targets, t2i_targets = targets, targets
-    if distill_alpha > 0:
+    if isinstance(distill_alpha, torch.Tensor) or distill_alpha > 0:  # a tensor: set each step (the ramp)
         with torch.no_grad():
             i2t_m = F.softmax(_mask_candidates(image_feat_m @ text_feat_all.t() / temperature, candidate_mask), dim=1)
             t2i_m = F.softmax(_mask_candidates(text_feat_m @ image_feat_all.t() / temperature, candidate_mask), dim=1)
@@ -100,6 +100,12 @@ def itc_loss(image_feat: torch.Tensor, text_feat: torch.Tensor,
     loss_i2t = -(_log_probs(sim_i2t, candidate_mask) * i2t_targets).sum(dim=1).mean()
     loss_t2i = -(_log_probs(sim_t2i, candidate_mask) * t2i_targets).sum(dim=1).mean()
     return (loss_i2t + loss_t2i) / 2
+
+
+def distill_alpha_at(step: int, alpha: float, ramp_steps: int) -> float:
+    """ALBEF's ramp: alpha grows linearly from 0 over the first ``ramp_steps`` optimizer steps (``step``: those
+    already taken), then stays."""
+    return alpha if ramp_steps <= 0 else alpha * min(1.0, step / ramp_steps)
 
 
 def _mask_candidates(similarity: torch.Tensor, candidate_mask: Optional[torch.Tensor]) -> torch.Tensor:

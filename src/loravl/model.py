@@ -45,6 +45,9 @@ class VisionLanguageModel(nn.Module):
         self.text_proj = nn.Linear(text_dim, embed_dim)
         self.itm_head = nn.Linear(text_dim, 2)
         self.temperature = nn.Parameter(torch.tensor(cfg.loss.temperature))
+        # The distillation weight of this step: the trainer ramps it (loravl.losses.distill_alpha_at). A buffer, so
+        # a compiled forward reads the new value without recompiling; not saved (the trainer sets it every step).
+        self.register_buffer("distill_alpha", torch.tensor(float(cfg.loss.distill_alpha)), persistent=False)
 
         # Momentum (EMA) copies of the trainable embedding path. The encoder is not copied: its output is shared,
         # detached (an EMA encoder would cost a second encoder forward every step).
@@ -243,7 +246,8 @@ class VisionLanguageModel(nn.Module):
             candidate_mask = torch.cat([torch.ones_like(image_ids_global, dtype=torch.bool), self.queue.valid_mask()])
 
         loss_itc = itc_loss(image["image_feat"], text["text_feat"], image_feat_all, text_feat_all,
-                            image_ids, image_ids_all, temperature, w.distill_alpha, image_feat_m, text_feat_m,
+                            image_ids, image_ids_all, temperature,
+                            self.distill_alpha if w.distill_alpha > 0 else 0.0, image_feat_m, text_feat_m,
                             candidate_mask)
 
         if w.itm_negatives == "queue":

@@ -27,11 +27,12 @@ from torch.optim.lr_scheduler import LambdaLR
 from torch.profiler import record_function  # labels in train.profile.dir's traces
 
 from .checkpoint import Checkpointer, RNGState, TrainState, find_start, read_train_state
-from .config import ConfigError, ModelConfig, RunConfig, TextConfig, TrainConfig
+from .config import ConfigError, LossConfig, ModelConfig, RunConfig, TextConfig, TrainConfig
 from .data import build_dataloader, build_dataset
 from .device import Precision, choose_precision
 from .integrity import saved_world_size
 from .loading import caption_tokenizer, export_model
+from .losses import distill_alpha_at
 from .metrics import LOSS_NAMES, MetricsLogger, format_skips, setup_logging
 from .model import VisionLanguageModel
 from .optim import apply_learning_rates, build_optimizer, build_scheduler, lora_param_group
@@ -84,6 +85,7 @@ def _train(cfg: RunConfig, env: DistributedEnv) -> VisionLanguageModel:
                 loader.loader.num_workers, cfg.data.num_workers)
     steps_per_epoch = count_steps_per_epoch(loader, tc.grad_accum_steps)
     total_steps = count_total_steps(tc, steps_per_epoch)
+    alpha_ramp_steps = distill_ramp_steps(cfg.model.loss, steps_per_epoch)
     if not lora_phase_due(tc, TrainState(epoch=tc.epochs - 1, step=total_steps - 1)):
         logger.warning("LoRA never trains in this run: phase 2 would start after its last step (train.epochs %d, "
                        "train.lora_warmup_epochs %d, train.lora_warmup_steps %s, %d steps)", tc.epochs,
@@ -147,6 +149,7 @@ def _train(cfg: RunConfig, env: DistributedEnv) -> VisionLanguageModel:
             if not micro_batches:
                 epoch_over = True
                 break
+            model.distill_alpha.fill_(distill_alpha_at(state.step, cfg.model.loss.distill_alpha, alpha_ramp_steps))
             step_metrics = train_step(ddp_model, micro_batches, optimizer, precision, tc, env)
             lrs = scheduler.get_last_lr()  # the rates this step used; after scheduler.step() the next step's
             scheduler.step()
@@ -387,6 +390,15 @@ def count_steps_per_epoch(loader: Any, grad_accum_steps: int) -> Optional[int]:
         return math.ceil(len(loader) / grad_accum_steps)
     except TypeError:
         return None  # streaming: no epoch length
+
+
+def distill_ramp_steps(loss: LossConfig, steps_per_epoch: Optional[int]) -> int:
+    """Steps over which momentum distillation ramps in: the configured count, else the first epoch."""
+    if loss.distill_alpha_ramp_steps is not None:
+        return loss.distill_alpha_ramp_steps
+    if steps_per_epoch is None and loss.distill_alpha > 0:
+        raise ConfigError("model.loss.distill_alpha_ramp_steps must be set for streaming data (it has no epoch)")
+    return steps_per_epoch or 0
 
 
 def count_total_steps(tc: TrainConfig, steps_per_epoch: Optional[int]) -> int:
