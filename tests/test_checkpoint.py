@@ -258,7 +258,7 @@ def test_a_failed_background_write_is_raised_by_wait(tmp_path, tiny_model_config
     deadline = time.time() + 30
     # The last piece written: after it the writer only syncs and sleeps, so removing the folder does not race the
     # files it is still creating
-    while not (pieces / "vision_config" / "config.json").is_file():
+    while not (pieces / "checksums.json").is_file():
         assert time.time() < deadline
         time.sleep(0.05)
     shutil.rmtree(pieces)  # the folder goes away under the writer: its rename fails

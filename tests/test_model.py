@@ -230,3 +230,35 @@ def test_temperature_keeps_its_gradient_at_the_bound_and_is_clamped_after_the_st
     assert loss.min_temperature <= float(model.temperature) <= loss.max_temperature
     assert any(float(model.temperature) == pytest.approx(bound) for bound in (loss.min_temperature,
                                                                               loss.max_temperature))
+
+
+def test_accumulated_micro_batches_move_the_momentum_copies_as_one_batch(tiny_model_config, tiny_tokenizer):
+    """Two accumulated micro-batches of 4 take one momentum step, as one batch of 8 does (not momentum**2), and
+    enqueue the same number of features; the trainer takes that step itself, once per optimizer step."""
+    from collections import Counter
+
+    from loravl.config import TrainConfig
+    from loravl.device import choose_precision
+    from loravl.optim import build_optimizer
+    from loravl.runtime import DistributedEnv
+    from loravl.train import train_step
+
+    cfg = dataclasses.replace(tiny_model_config, loss=dataclasses.replace(tiny_model_config.loss, momentum=0.5))
+    tc, env = TrainConfig(lr=1e-3), DistributedEnv(rank=0, local_rank=0, world_size=1, device=torch.device("cpu"))
+    whole = tiny_batch(tiny_tokenizer, batch_size=8, seed=5)
+    halves = [{k: v[i:i + 4] for k, v in whole.items()} for i in (0, 4)]
+    results = {}
+    for name, micro_batches in (("one batch", [whole]), ("accumulated", halves)):
+        torch.manual_seed(0)
+        model = VisionLanguageModel(cfg, tiny_tokenizer).train()
+        with torch.no_grad():  # online and momentum weights apart, so that a momentum step shows
+            for p in model._momentum_params[0]:
+                p.add_(0.1)
+        model.momentum_in_forward = False
+        optimizer = build_optimizer(model, tc, env.device)
+        train_step(model, [{**b, "skipped": Counter()} for b in micro_batches], optimizer,
+                   choose_precision("no", env.device), tc, env)
+        results[name] = ([p.detach().clone() for p in model._momentum_params[1]], int(model.queue.filled))
+    for a, b in zip(results["one batch"][0], results["accumulated"][0]):
+        torch.testing.assert_close(a, b, rtol=0, atol=0)
+    assert results["one batch"][1] == results["accumulated"][1] == 8

@@ -11,6 +11,7 @@ import errno
 import hashlib
 import json
 import logging
+import os
 import shutil
 from pathlib import Path
 from typing import Any, Iterable
@@ -44,7 +45,9 @@ def write_manifest(folder: Path, exclude: Iterable[str] = ()) -> None:
         if name in skipped or name.startswith("rank_") or name == MANIFEST_FILE:
             continue
         files[name] = {"sha256": file_digest(path), "bytes": path.stat().st_size}
-    (folder / MANIFEST_FILE).write_text(json.dumps({"format": 1, "files": files}, indent=1))
+    partial = folder / f".{MANIFEST_FILE}.partial"  # present under its name only when complete
+    partial.write_text(json.dumps({"format": 1, "files": files}, indent=1))
+    os.replace(partial, folder / MANIFEST_FILE)
 
 
 def write_rank_digest(path: Path) -> None:

@@ -66,6 +66,10 @@ class VisionLanguageModel(nn.Module):
         pairs = self._momentum_pairs()
         self._momentum_params = ([p for o, _ in pairs for p in o.parameters()],
                                  [p for _, m in pairs for p in m.parameters()])
+        # The momentum copies' EMA step at the start of each training forward (ALBEF). The trainer turns it off and
+        # takes the step itself once per optimizer step, so that k accumulated micro-batches move them as one
+        # batch does, not by momentum**k.
+        self.momentum_in_forward = True
         self._image_path_compiled = False  # the encoder and compressor, by compile() or generate(compile=True)
         self._forward_compiled = False  # compile(scope="forward")
 
@@ -229,7 +233,7 @@ class VisionLanguageModel(nn.Module):
         temperature = self.temperature
 
         with torch.no_grad():
-            if self.training:
+            if self.training and self.momentum_in_forward:
                 self.momentum_update()
             image_tokens_m = self.compressor_m(image["encoder_tokens"].detach())
             image_feat_m = F.normalize(self.vision_proj_m(self.image_pool_m(image_tokens_m)), dim=-1)

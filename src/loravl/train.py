@@ -208,6 +208,7 @@ def build_training_model(model_cfg: ModelConfig, tc: TrainConfig, tokenizer: Cap
     compiled in place where ``train.compile`` asks."""
     seed_everything(tc.seed)
     model = VisionLanguageModel(model_cfg, tokenizer).to(env.device)
+    model.momentum_in_forward = False  # train_step takes the momentum step once per optimizer step
     seed_everything(tc.seed + env.rank)
     # On a GPU only, and not for fp16: evaluation and captioning there run under bf16 autocast (fp32 on the CPU).
     if precision.dtype == torch.bfloat16 and env.device.type == "cuda":
@@ -279,6 +280,9 @@ def train_step(ddp_model: nn.Module, micro_batches: list[dict[str, Any]],
     if keep_grad_buffers:
         allocate_grads(params)
     images = 0
+    model = ddp_model.module if isinstance(ddp_model, DDP) else ddp_model
+    if not model.momentum_in_forward:  # once per optimizer step, before the forward reads the momentum copies
+        model.momentum_update()
     for i, batch in enumerate(micro_batches):
         last = i == len(micro_batches) - 1
         # A new CUDA-graph generation per micro-batch: the last one's graph outputs may be overwritten now.
@@ -299,7 +303,7 @@ def train_step(ddp_model: nn.Module, micro_batches: list[dict[str, Any]],
         images += inputs["pixel_values"].shape[0]
     with record_function("loravl: optimizer"):
         grad_norm, bad = clip_and_step(params, optimizer, precision, tc, losses["loss"], keep_grad_buffers)
-        (ddp_model.module if isinstance(ddp_model, DDP) else ddp_model).clamp_parameters()
+        model.clamp_parameters()
     skipped = Counter()
     for batch in micro_batches:
         skipped.update(batch["skipped"])
