@@ -1,16 +1,16 @@
-"""The trainer's optimizer and schedule: AdamW parameter groups (LoRA in its own, at ``train.lora_lr``) and a linear
-warmup into a cosine decay."""
+"""The trainer's optimizer and schedules: AdamW parameter groups (LoRA in its own, at ``train.lora_lr``), a linear
+warmup into a cosine decay, and how many steps the run and the distillation ramp take."""
 from __future__ import annotations
 
 import functools
 import math
-from typing import Any
+from typing import Any, Optional
 
 import torch
 from torch import nn
 from torch.optim.lr_scheduler import LambdaLR
 
-from .config import TrainConfig
+from .config import ConfigError, LossConfig, TrainConfig
 from .model import VisionLanguageModel
 
 
@@ -64,3 +64,33 @@ def apply_learning_rates(optimizer: torch.optim.Optimizer, tc: TrainConfig, tota
     for group in optimizer.param_groups:
         group["initial_lr"] = tc.lora_lr if group.get("name") == "lora" else tc.lr
     return build_scheduler(optimizer, tc, total_steps, steps_done)
+
+
+# How long the schedules run
+
+
+def count_steps_per_epoch(loader: Any, grad_accum_steps: int) -> Optional[int]:
+    try:
+        return math.ceil(len(loader) / grad_accum_steps)
+    except TypeError:
+        return None  # streaming: no epoch length
+
+
+def distill_ramp_steps(loss: LossConfig, steps_per_epoch: Optional[int]) -> int:
+    """Steps over which momentum distillation ramps in: the configured count, else the first epoch."""
+    if loss.distill_alpha_ramp_steps is not None:
+        return loss.distill_alpha_ramp_steps
+    if steps_per_epoch is None and loss.distill_alpha > 0:
+        raise ConfigError("model.loss.distill_alpha_ramp_steps must be set for streaming data (it has no epoch)")
+    return steps_per_epoch or 0
+
+
+def count_total_steps(tc: TrainConfig, steps_per_epoch: Optional[int]) -> int:
+    if steps_per_epoch is None:
+        if tc.max_steps is None:
+            raise ConfigError("train.max_steps must be set for streaming data (it has no epoch length)")
+        return tc.max_steps
+    if steps_per_epoch == 0:
+        raise ConfigError("the training set is smaller than one batch per process (train.batch_size)")
+    total = steps_per_epoch * tc.epochs
+    return min(total, tc.max_steps) if tc.max_steps is not None else total

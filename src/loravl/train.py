@@ -27,7 +27,7 @@ from torch.optim.lr_scheduler import LambdaLR
 from torch.profiler import record_function  # labels in train.profile.dir's traces
 
 from .checkpoint import Checkpointer, RNGState, TrainState, find_start, read_train_state
-from .config import ConfigError, LossConfig, ModelConfig, RunConfig, TextConfig, TrainConfig
+from .config import ModelConfig, RunConfig, TextConfig, TrainConfig
 from .data import build_dataloader, build_dataset
 from .device import Precision, choose_precision
 from .integrity import saved_world_size
@@ -35,7 +35,8 @@ from .loading import caption_tokenizer, export_model
 from .losses import distill_alpha_at
 from .metrics import LOSS_NAMES, MetricsLogger, format_skips, setup_logging
 from .model import VisionLanguageModel
-from .optim import apply_learning_rates, build_optimizer, build_scheduler, lora_param_group
+from .optim import (apply_learning_rates, build_optimizer, build_scheduler, count_steps_per_epoch, count_total_steps,
+                    distill_ramp_steps, lora_param_group)
 from .profiling import StepProfiler
 from .resume import check_resume
 from .runtime import (DistributedEnv, StopSignal, barrier, check_replicas, close_distributed, init_distributed,
@@ -387,33 +388,6 @@ def drain(batches: Iterator[dict[str, Any]]) -> None:
     with torch.random.fork_rng(devices=[]):
         for _ in batches:
             pass
-
-
-def count_steps_per_epoch(loader: Any, grad_accum_steps: int) -> Optional[int]:
-    try:
-        return math.ceil(len(loader) / grad_accum_steps)
-    except TypeError:
-        return None  # streaming: no epoch length
-
-
-def distill_ramp_steps(loss: LossConfig, steps_per_epoch: Optional[int]) -> int:
-    """Steps over which momentum distillation ramps in: the configured count, else the first epoch."""
-    if loss.distill_alpha_ramp_steps is not None:
-        return loss.distill_alpha_ramp_steps
-    if steps_per_epoch is None and loss.distill_alpha > 0:
-        raise ConfigError("model.loss.distill_alpha_ramp_steps must be set for streaming data (it has no epoch)")
-    return steps_per_epoch or 0
-
-
-def count_total_steps(tc: TrainConfig, steps_per_epoch: Optional[int]) -> int:
-    if steps_per_epoch is None:
-        if tc.max_steps is None:
-            raise ConfigError("train.max_steps must be set for streaming data (it has no epoch length)")
-        return tc.max_steps
-    if steps_per_epoch == 0:
-        raise ConfigError("the training set is smaller than one batch per process (train.batch_size)")
-    total = steps_per_epoch * tc.epochs
-    return min(total, tc.max_steps) if tc.max_steps is not None else total
 
 
 def training_captions(dataset: Any, limit: int) -> Iterator[str]:
