@@ -31,8 +31,8 @@ TINY = [
     "--model.text.vocab_size", "320",
     "--model.fusion.num_heads", "2", "--model.loss.embed_dim", "16", "--model.loss.queue_size", "32",
     "--data.demo_image_size", "32", "--data.demo_val_size", "4", "--data.num_workers", "0", "--data.val_path", "",
-    "--train.batch_size", "4", "--train.log_every", "1", "--train.warmup_steps", "3", "--train.save_every", "100",
-    "--train.keep_last", "10", "--train.lora_warmup_epochs", "1",
+    "--train.batch_size", "4", "--train.logging.every", "1", "--train.warmup_steps", "3", "--train.checkpoint.save_every", "100",
+    "--train.checkpoint.keep_last", "10", "--train.lora_warmup_epochs", "1",
 ]
 
 
@@ -44,7 +44,7 @@ def data_root(tmp_path_factory) -> Path:
 def run_args(run_dir: Path, data_root: Path, train_size: int, *extra: str) -> list[str]:
     return [*TINY, "--data.train_path", str(data_root / f"demo{train_size}"),
             "--data.demo_train_size", str(train_size),
-            "--train.log_dir", str(run_dir / "logs"), "--train.checkpoint_dir", str(run_dir / "ckpt"), *extra]
+            "--train.logging.dir", str(run_dir / "logs"), "--train.checkpoint.dir", str(run_dir / "ckpt"), *extra]
 
 
 def command(args: list[str], nproc: int = 1, script: str = SCRIPT, script_args: tuple = ()) -> list[str]:
@@ -288,7 +288,7 @@ def test_sigkill_during_save_resumes_from_previous_checkpoint(tmp_path, data_roo
     recorded while step 4's folder is still temporary), and a SIGKILL then leaves ``latest`` at step 2, from which
     the run resumes."""
     run_dir = tmp_path / "run"
-    args = run_args(run_dir, data_root, 16, "--train.epochs", "2", "--train.save_every", "2")
+    args = run_args(run_dir, data_root, 16, "--train.epochs", "2", "--train.checkpoint.save_every", "2")
     proc = subprocess.Popen(command(args), cwd=ROOT, env=child_env(LORAVL_TEST_SLOW_SAVE="4:120"),
                             stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
     tmp_checkpoint = run_dir / "ckpt" / ".tmp-step_00000004"
@@ -501,8 +501,8 @@ def test_short_demo_learns(tmp_path):
     below where it starts, through both phases, and the export is written."""
     args = ["--config", "configs/demo.yaml", "--data.train_path", str(tmp_path / "demo"),
             "--data.demo_train_size", "640", "--data.demo_val_size", "32", "--data.num_workers", "0",
-            "--train.epochs", "3", "--train.lora_warmup_epochs", "2", "--train.warmup_steps", "10", "--train.log_every", "5",
-            "--train.log_dir", str(tmp_path / "logs"), "--train.checkpoint_dir", str(tmp_path / "ckpt")]
+            "--train.epochs", "3", "--train.lora_warmup_epochs", "2", "--train.warmup_steps", "10", "--train.logging.every", "5",
+            "--train.logging.dir", str(tmp_path / "logs"), "--train.checkpoint.dir", str(tmp_path / "ckpt")]
     run(args, timeout=300)
     steps = read_steps(tmp_path)
     lm = [steps[s]["loss_lm"] for s in sorted(steps)]
@@ -513,7 +513,7 @@ def test_short_demo_learns(tmp_path):
 
 
 def test_train_step_with_cuda_graphs_keeps_gradient_buffers(tiny_model_config, tiny_tokenizer):
-    """With CUDA graphs (compile_mode reduce-overhead) gradients must accumulate into buffers of their own: autograd
+    """With CUDA graphs (compile.mode reduce-overhead) gradients must accumulate into buffers of their own: autograd
     would otherwise install a graph's output buffer as .grad, and the next replay overwrites it. The step keeps the
     same .grad storage across micro-batches and steps, and updates the weights exactly as the default step does."""
     from collections import Counter
@@ -582,13 +582,13 @@ def test_train_step_with_cuda_graphs_and_one_micro_batch_keeps_no_buffers(tiny_m
 
 
 def test_profile_trace_and_tensorboard_interval_means(tmp_path, data_root):
-    """train.profile_dir: one trace and one operator table for steps profile_start_step+1 .. +profile_steps, named
+    """train.profile.dir: one trace and one operator table for steps profile.start_step+1 .. +profile.steps, named
     so, and a log line that says where; training goes on to its end. TensorBoard gets the mean of each log
     interval at its log step (steps.jsonl every step), and the share of it spent waiting for data."""
     from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
-    run(run_args(tmp_path, data_root, 16, "--train.epochs", "2", "--train.profile_dir", str(tmp_path / "prof"),
-                 "--train.profile_start_step", "2", "--train.profile_steps", "3", "--train.log_every", "4"))
+    run(run_args(tmp_path, data_root, 16, "--train.epochs", "2", "--train.profile.dir", str(tmp_path / "prof"),
+                 "--train.profile.start_step", "2", "--train.profile.steps", "3", "--train.logging.every", "4"))
     events = EventAccumulator(str(tmp_path / "logs")).Reload()
     steps = read_steps(tmp_path)
     logged = [(e.step, e.value) for e in events.Scalars("train/loss")]

@@ -1,6 +1,6 @@
 """Training checkpoints: a set of stateful pieces written to a temporary folder and renamed into place.
 
-A checkpoint folder ``<checkpoint_dir>/step_00001000/`` holds
+A checkpoint folder ``<train.checkpoint.dir>/step_00001000/`` holds
 
     model.safetensors      model.checkpoint_state_dict() (trainable, LoRA, momentum copies, ITC queue)
     optimizer.pt           AdamW state and param groups (the same on every rank)
@@ -12,9 +12,9 @@ A checkpoint folder ``<checkpoint_dir>/step_00001000/`` holds
     tokenizer/             the caption tokenizer
     vision_config/         the backbone's HF config.json (a randomly initialised encoder rebuilds from it)
 
-and ``<checkpoint_dir>/latest`` names the newest complete one. Save order: every piece into ``.tmp-step_...``,
+and ``<train.checkpoint.dir>/latest`` names the newest complete one. Save order: every piece into ``.tmp-step_...``,
 fsync, rename the folder, then replace ``latest`` atomically; a process killed at any moment leaves ``latest``
-naming a complete checkpoint. Multi-node runs need ``checkpoint_dir`` on a shared filesystem.
+naming a complete checkpoint. Multi-node runs need ``train.checkpoint.dir`` on a shared filesystem.
 
 With ``background`` (the trainer's default) rank 0 copies what it writes to the CPU during ``save()`` (into buffers
 kept between saves, ``CpuStaging``) and writes it in a thread while the training goes on; the next ``save()`` (or
@@ -201,9 +201,9 @@ class Checkpointer:
         returns either way (it is small); rank 0 copies the shared pieces to the CPU first, so the steps after
         ``save()`` do not change what is written."""
         self.wait()  # one write at a time, in step order; the staging buffers are free again after it
+        shared_states = {name: piece.state_dict() for name, piece in shared.items()}
         # Every rank checks its replica (they are the same), so all of them stop here together.
-        bad = non_finite_tensors({"model": model.model.checkpoint_state_dict(),
-                                  **{name: piece.state_dict() for name, piece in shared.items()}})
+        bad = non_finite_tensors({"model": model.model.checkpoint_state_dict(), **shared_states})
         if bad:
             raise FloatingPointError(f"not saving step {step}: non-finite values in {', '.join(bad)}; the last "
                                      f"checkpoint in {self.directory} is kept")
@@ -223,11 +223,11 @@ class Checkpointer:
             # Written while the training goes on (background): copies. Written now: the tensors as they are.
             if self.background:
                 weights = model.snapshot(self._staging)
-                pieces = {name: self._staging.copy(piece.state_dict(), (name,)) for name, piece in shared.items()}
+                pieces = {name: self._staging.copy(state, (name,)) for name, state in shared_states.items()}
                 self._staging.finish()
             else:
                 weights = model.snapshot()
-                pieces = {name: piece.state_dict() for name, piece in shared.items()}
+                pieces = shared_states
             vision_config = model.model.vision.model.get_base_model().config
             args = (step, tmp, final, weights, pieces, train_state.state_dict(), run_config, tokenizer, vision_config)
             if self.background:
@@ -297,11 +297,12 @@ class Checkpointer:
                 shutil.rmtree(old, ignore_errors=True)
 
     def load(self, path: str | Path, model: ModelWeights, shared: dict[str, Stateful],
-             per_rank: dict[str, Stateful], train_state: TrainState) -> Path:
+             per_rank: dict[str, Stateful], train_state: TrainState, verified: bool = False) -> Path:
         """Restore every piece present in ``shared``/``per_rank`` (build them for the saved phase first), after
-        checking the files against their checksums. Raises ``CheckpointError`` naming the folder and the piece."""
+        checking the files against their checksums (``verified``: ``find_start`` has). Raises ``CheckpointError``
+        naming the folder and the piece."""
         folder = resolve_checkpoint(path)
-        if not verify(folder):
+        if not verified and not verify(folder):
             logger.info("%s has no checksums (written by an earlier loravl): loaded unverified", folder)
         with _naming(folder, MODEL_FILE):
             model.load(folder / MODEL_FILE)
@@ -364,7 +365,7 @@ def newest_usable_checkpoint(directory: Path) -> tuple[Path | None, list[tuple[s
 
 
 def find_start(directory: Path, resume: str, overwrite: bool, rank: int) -> Path | None:
-    """Where the run starts: None for a fresh start, else the checkpoint to resume from.
+    """Where the run starts: None for a fresh start, else the checkpoint to resume from, its files verified.
 
     ``resume`` latest: the newest checkpoint that verifies (those passed over are logged with why); none at all,
     a fresh start. A folder: that one, verified. Empty: a fresh start, refused where ``directory`` already holds a

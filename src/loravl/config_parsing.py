@@ -175,7 +175,7 @@ def did_you_mean(name: str, known, prefix: str = "") -> str:
 
 def describe_options(cls: type) -> str:
     """Every option of ``cls`` with its type and default, grouped by section (what ``--help`` prints)."""
-    defaults = _flatten_defaults(cls())
+    defaults = flatten(dataclasses.asdict(cls()))
     lines, section = [], None
     for path, annotation in leaf_paths(cls).items():
         head = path.rsplit(".", 1)[0] if "." in path else ""
@@ -187,14 +187,14 @@ def describe_options(cls: type) -> str:
     return "\n".join(lines).lstrip("\n")
 
 
-def _flatten_defaults(instance: Any, prefix: str = "") -> dict[str, Any]:
-    out = {}
-    for f in dataclasses.fields(instance):
-        value = getattr(instance, f.name)
-        if dataclasses.is_dataclass(value):
-            out.update(_flatten_defaults(value, f"{prefix}{f.name}."))
+def flatten(tree: dict, prefix: str = "") -> dict[str, Any]:
+    """``{"train": {"lr": 1}}`` -> ``{"train.lr": 1}``."""
+    out: dict[str, Any] = {}
+    for key, value in tree.items():
+        if isinstance(value, dict):
+            out.update(flatten(value, f"{prefix}{key}."))
         else:
-            out[f"{prefix}{f.name}"] = value
+            out[f"{prefix}{key}"] = value
     return out
 
 

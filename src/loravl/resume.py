@@ -9,6 +9,7 @@ from pathlib import Path
 from typing import Any
 
 from .config import ConfigError, RunConfig, load_config
+from .config_parsing import flatten
 
 logger = logging.getLogger("loravl.train")
 
@@ -27,16 +28,6 @@ MAY_CHANGE = (
 NOT_COMPARED = ("train.resume", "train.overwrite")
 
 
-def _flatten(tree: dict[str, Any], prefix: str = "") -> dict[str, Any]:
-    out: dict[str, Any] = {}
-    for key, value in tree.items():
-        if isinstance(value, dict):
-            out.update(_flatten(value, f"{prefix}{key}."))
-        else:
-            out[f"{prefix}{key}"] = value
-    return out
-
-
 def _may_change(field: str) -> bool:
     return any(field == allowed or (allowed.endswith(".") and field.startswith(allowed)) for allowed in MAY_CHANGE)
 
@@ -46,8 +37,8 @@ def check_resume(folder: Path, cfg: RunConfig, saved_world_size: int, world_size
     """The fields that differ from the checkpoint's run, ``{field: (saved, now)}``, after checking that each may
     change; raises ``ConfigError`` naming those that may not. The world size may change only at an epoch's end
     (map-style data re-splits there; mid-epoch each rank's position belongs to the split it was saved with)."""
-    saved = _flatten(load_config(folder / "config.yaml").to_dict())
-    now = _flatten(cfg.to_dict())
+    saved = flatten(load_config(folder / "config.yaml").to_dict())
+    now = flatten(cfg.to_dict())
     changed = {field: (saved.get(field), now.get(field)) for field in sorted(set(saved) | set(now))
                if saved.get(field) != now.get(field) and field not in NOT_COMPARED}
     fixed = [f"{field} ({old!r} -> {new!r})" for field, (old, new) in changed.items() if not _may_change(field)]

@@ -70,10 +70,9 @@ def _train(cfg: RunConfig, env: DistributedEnv) -> VisionLanguageModel:
                                 background=tc.checkpoint.in_background)
     resume_from = find_start(Path(tc.checkpoint.dir), tc.resume, tc.overwrite, env.rank)
     if resume_from is not None:  # before anything is built: a resume that would be another run stops here
-        saved = read_train_state(resume_from)
-        same_split = saved_world_size(resume_from) == env.world_size
-        changed = check_resume(resume_from, cfg, saved_world_size(resume_from), env.world_size,
-                               at_epoch_end=saved.step_in_epoch == 0)
+        saved, saved_processes = read_train_state(resume_from), saved_world_size(resume_from)
+        same_split = saved_processes == env.world_size
+        changed = check_resume(resume_from, cfg, saved_processes, env.world_size, at_epoch_end=saved.step_in_epoch == 0)
 
     # Data and tokenizer. The tokenizer is trained on the training captions at the first start, then always
     # comes back from the checkpoint.
@@ -110,7 +109,7 @@ def _train(cfg: RunConfig, env: DistributedEnv) -> VisionLanguageModel:
         # another number of processes (only there) each rank keeps its own fresh RNG stream.
         rank_pieces = per_rank_pieces(loader if saved.step_in_epoch > 0 else None) if same_split else {}
         checkpointer.load(resume_from, ModelWeights(model), shared_pieces(optimizer, scheduler, precision),
-                          rank_pieces, state)
+                          rank_pieces, state, verified=True)
         if {"train.lr", "train.lora_lr"} & set(changed):  # the restored groups carry the old rates
             scheduler = apply_learning_rates(optimizer, tc, total_steps, state.step)
         trainable = sum(p.numel() for _, p in model.trainable_parameters())
@@ -136,6 +135,7 @@ def _train(cfg: RunConfig, env: DistributedEnv) -> VisionLanguageModel:
 
     model.train()
     stopping, stop_started = False, time.perf_counter()
+    distill_alpha = None  # what model.distill_alpha holds, once the loop has set it
     while state.epoch < tc.epochs and state.step < total_steps and not stopping:
         if state.step_in_epoch == 0:  # a fresh epoch; mid-epoch, the loader's state was restored
             loader.set_epoch(state.epoch)
@@ -150,7 +150,10 @@ def _train(cfg: RunConfig, env: DistributedEnv) -> VisionLanguageModel:
             if not micro_batches:
                 epoch_over = True
                 break
-            model.distill_alpha.fill_(distill_alpha_at(state.step, cfg.model.loss.distill_alpha, alpha_ramp_steps))
+            alpha = distill_alpha_at(state.step, cfg.model.loss.distill_alpha, alpha_ramp_steps)
+            if alpha != distill_alpha:  # changes only while it ramps
+                model.distill_alpha.fill_(alpha)
+                distill_alpha = alpha
             step_metrics = train_step(ddp_model, micro_batches, optimizer, precision, tc, env)
             lrs = scheduler.get_last_lr()  # the rates this step used; after scheduler.step() the next step's
             scheduler.step()
