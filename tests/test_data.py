@@ -459,7 +459,7 @@ def test_broken_samples_are_skipped_and_counted_over_a_full_epoch(tmp_path):
         assert loader.skips.seen == len(kept) + sum(expected.values())
         # The epoch's log line names the first skipped files of each reason, with the reason.
         from loravl.metrics import format_skips
-        line = format_skips(loader)
+        line = format_skips(loader.skips)
         assert "missing.jpg (missing_file" in line and "truncated.jpg (corrupt_image" in line, line
         assert all(len(names) <= 3 for names in loader.skips.examples.values()) and "BytesIO" not in line
 

@@ -201,6 +201,56 @@ def test_phase_lines_stay_true_across_resumes_on_two_ranks(tmp_path, data_root):
     assert max(read_steps(run_dir)) == 12
 
 
+def coco_with_bad_files(root: Path) -> Path:
+    """A COCO captions set of 36 good images and 5 bad files (4 broken, 1 missing), each bad file listed under two
+    image ids (so two samples, which may go to different ranks), two captions per image."""
+    import io
+
+    from PIL import Image
+
+    (root / "train2017").mkdir(parents=True)
+    (root / "annotations").mkdir()
+    images = []
+    for i in range(36):
+        Image.new("RGB", (40, 40), (7 * i % 256, 50, 200 - 5 * i)).save(root / "train2017" / f"{i:04d}.jpg")
+        images.append({"id": i, "file_name": f"{i:04d}.jpg"})
+    jpeg, png = io.BytesIO(), io.BytesIO()
+    Image.new("RGB", (64, 64)).save(jpeg, "JPEG")
+    Image.new("RGB", (1, 1)).save(png, "PNG")
+    bad = {"cut.jpg": jpeg.getvalue()[:300], "empty.jpg": b"", "text.jpg": b"not a picture\n" * 20,
+           "tiny.png": png.getvalue()}
+    for name, data in bad.items():
+        (root / "train2017" / name).write_bytes(data)
+    for j, name in enumerate([*bad, "missing.jpg"]):
+        images += [{"id": 100 + j, "file_name": name}, {"id": 200 + j, "file_name": name}]
+    annotations = [{"id": 2 * k + c, "image_id": im["id"], "caption": f"{('a red', 'a blue')[c]} scene {im['id'] % 4}"}
+                   for k, im in enumerate(images) for c in range(2)]
+    path = root / "annotations" / "captions_train2017.json"
+    path.write_text(json.dumps({"images": images, "annotations": annotations}))
+    return path
+
+
+def test_each_bad_file_is_counted_once_per_epoch_across_ranks_workers_and_a_resume(tmp_path, data_root):
+    """2 ranks with a loader worker each, a loader that runs on across epochs, a stop mid-epoch and a resume:
+    every epoch's line counts each of the 5 bad files once, over all ranks, and says how many samples they cost."""
+    annotations = coco_with_bad_files(tmp_path / "coco")
+    run_dir = tmp_path / "run"  # 46 samples, 2 ranks x batch 4: 5 steps an epoch
+    args = run_args(run_dir, data_root, 32, "--data.format", "coco", "--data.train_path", str(annotations),
+                    "--data.val_path", "", "--data.num_workers", "1", "--data.max_skip_fraction", "0.5",
+                    "--train.epochs", "3")
+    run(args + ["--train.stop_at_step", "7"], nproc=2)  # mid-epoch 1
+    run(args + ["--train.resume", "latest"], nproc=2)
+    lines = re.findall(r"Epoch (\d) done: (.*)", log_text(run_dir))
+    assert [epoch for epoch, _ in lines] == ["0", "1", "2"], lines
+    for _, line in lines:
+        counts = dict(re.findall(r"(\w+): (\d+)", line.split(")")[0]))
+        assert counts == {"corrupt_image": "1", "empty_file": "1", "not_an_image": "1", "too_small": "1",
+                          "missing_file": "1"}, line
+        # drop_last: 5 full steps of 2 x 4 = 40 samples a epoch; the files' 10 samples, less those dropped.
+        lost = int(re.search(r"; (\d+) samples lost", line).group(1))
+        assert line.startswith("40 samples, 5 skipped (") and 5 < lost <= 10, line
+
+
 def test_momentum_distillation_ramps_in_from_zero(tmp_path, data_root):
     """ALBEF's alpha ramp, through the trainer: its first step distils with alpha 0, so its loss is exactly that of
     a run without distillation; without the ramp the first step's loss differs."""
@@ -494,6 +544,14 @@ def test_unknown_config_key_is_named(tmp_path, data_root):
     done = run(run_args(tmp_path, data_root, 16, "--train.lora_warmup_epoch", "2"), check=False)
     assert done.returncode == 2
     assert "lora_warmup_epoch" in done.stderr and "config error" in done.stderr
+
+
+def test_a_wrong_validation_path_fails_at_the_start(tmp_path, data_root):
+    annotations = coco_with_bad_files(tmp_path / "coco")
+    done = run(run_args(tmp_path, data_root, 16, "--data.format", "coco", "--data.train_path", str(annotations),
+                        "--data.val_path", str(tmp_path / "nowhere.json")), check=False)
+    assert done.returncode == 2 and "nowhere.json" in done.stderr, done.stderr[-2000:]
+    assert not (tmp_path / "logs" / "steps.jsonl").exists()  # before any step
 
 
 def test_short_demo_learns(tmp_path):

@@ -17,6 +17,7 @@ from torch.profiler import record_function
 
 from .checkpoint import TrainState
 from .config import LoggingConfig
+from .data.skips import SkipCounter
 from .runtime import DistributedEnv
 
 logger = logging.getLogger("loravl.train")
@@ -232,11 +233,28 @@ class MetricsLogger:
                 self.progress.close()
 
 
-def format_skips(loader: Any) -> str:
-    skips = loader.skips
+def format_skips(skips: SkipCounter) -> str:
+    """The epoch's line: samples seen, bad files by reason (each once), the samples they cost, the first named."""
     if not skips.skipped:
         return f"{skips.seen} samples, none skipped"
     reasons = ", ".join(f"{r}: {n}" for r, n in skips.reasons.most_common())
+    lost = f"; {skips.samples_skipped} samples lost" if skips.samples_skipped != skips.skipped else ""
     named = "; ".join(example for reason, _ in skips.reasons.most_common()
                       for example in skips.examples.get(reason, ()))
-    return f"{skips.seen} samples, {skips.skipped} skipped ({reasons})" + (f"; first: {named}" if named else "")
+    return (f"{skips.seen} samples, {skips.skipped} skipped ({reasons}){lost}"
+            + (f"; first: {named}" if named else ""))
+
+
+def global_skips(skips: SkipCounter, env: DistributedEnv) -> SkipCounter:
+    """Every rank's epoch counts as one (each bad file once, though its captions went to several ranks); called by
+    every rank at an epoch's end."""
+    if env.world_size == 1:
+        return skips
+    states: list = [None] * env.world_size
+    dist.all_gather_object(states, skips.state_dict())
+    total = SkipCounter()
+    for state in states:
+        rank_skips = SkipCounter()
+        rank_skips.load_state_dict(state)
+        total.merge(rank_skips)
+    return total

@@ -33,7 +33,7 @@ from .device import Precision, choose_precision
 from .integrity import saved_world_size
 from .loading import caption_tokenizer, export_model
 from .losses import distill_alpha_at
-from .metrics import LOSS_NAMES, MetricsLogger, format_skips, setup_logging
+from .metrics import LOSS_NAMES, MetricsLogger, format_skips, global_skips, setup_logging
 from .model import VisionLanguageModel
 from .optim import (apply_learning_rates, build_optimizer, build_scheduler, count_steps_per_epoch, count_total_steps,
                     distill_ramp_steps, lora_param_group)
@@ -77,6 +77,9 @@ def _train(cfg: RunConfig, env: DistributedEnv) -> VisionLanguageModel:
     # Data and tokenizer. The tokenizer is trained on the training captions at the first start, then always
     # comes back from the checkpoint.
     train_set = build_dataset(cfg.data, "train", cfg.model.vision.image_size)
+    # Read now, so a wrong data.val_path fails at the start, not after the first epoch's training.
+    val_set = build_dataset(cfg.data, "val", cfg.model.vision.image_size) if cfg.data.val_path and env.rank == 0 \
+        else None
     tokenizer = prepare_tokenizer(cfg.model.text, train_set, Path(tc.checkpoint.dir), resume_from, env)
     loader = build_dataloader(train_set, cfg.data, tc.batch_size, train=True, seed=tc.seed, rank=env.rank,
                               world_size=env.world_size, tokenize=tokenizer)
@@ -178,10 +181,10 @@ def _train(cfg: RunConfig, env: DistributedEnv) -> VisionLanguageModel:
 
         if epoch_over:
             metrics.flush()
-            logger.info("Epoch %d done: %s", state.epoch, format_skips(loader))
+            logger.info("Epoch %d done: %s", state.epoch, format_skips(global_skips(loader.skips, env)))
             state.epoch += 1
             state.step_in_epoch = 0
-            run_validation(model, cfg, env)  # evaluation hook
+            run_validation(model, val_set, cfg, env)  # evaluation hook
         if state.step != last_saved_step:
             save()
     metrics.flush()
@@ -443,7 +446,7 @@ def per_rank_pieces(loader: Optional[Any]) -> dict[str, Any]:
     return pieces
 
 
-def run_validation(model: VisionLanguageModel, cfg: RunConfig, env: DistributedEnv) -> None:
+def run_validation(model: VisionLanguageModel, val_set: Any, cfg: RunConfig, env: DistributedEnv) -> None:
     """Evaluation hook, at every epoch end when ``data.val_path`` is set: retrieval and caption metrics on rank 0
     (loravl.evaluate), the other ranks wait. Its RNG use is isolated so training stays reproducible."""
     if not cfg.data.val_path:
@@ -455,7 +458,6 @@ def run_validation(model: VisionLanguageModel, cfg: RunConfig, env: DistributedE
         # would overwrite the image tokens evaluation keeps across batches.
         with torch.random.fork_rng(devices=[env.device] if env.device.type == "cuda" else []), \
                 torch.compiler.set_stance("force_eager"):
-            val_set = build_dataset(cfg.data, "val", cfg.model.vision.image_size)
             results = evaluate_model(model, val_set, cfg.data, batch_size=cfg.train.batch_size, seed=cfg.train.seed)
         model.train()
         logger.info("Validation: %s", format_metrics(results))

@@ -119,8 +119,9 @@ class CaptionCollator:
             "captions": [s["caption"] for s in kept],
             "image_ids": torch.tensor([s["image_id"] for s in kept], dtype=torch.long),
             "skipped": skipped,
-            # The first of each reason named (the epoch's log line lists a few): a batch rarely has many.
-            "skipped_examples": [(s.reason, s.describe()) for s in samples if isinstance(s, Skip)][:8],
+            # Each skipped sample's reason, file and description: the epoch counts each file once (a file with
+            # several captions is several samples) and names the first few. A batch rarely has many.
+            "skipped_samples": [(s.reason, s.source, s.describe()) for s in samples if isinstance(s, Skip)],
         }
         if self.keep_all_captions:
             batch["all_captions"] = [s["captions"] for s in kept]

@@ -71,41 +71,87 @@ EXAMPLES_PER_REASON = 3
 
 @dataclass
 class SkipCounter:
-    """Per-epoch totals of kept and skipped samples, fed batch by batch (``update(batch)``), and the first few
-    skipped samples of each reason (``batch["skipped_examples"]``), for the log."""
+    """Per-epoch totals of kept and skipped samples, fed batch by batch (``update(batch)``), for the log and the
+    skip-fraction check.
 
-    seen: int = 0
-    reasons: Counter = field(default_factory=Counter)
-    examples: dict = field(default_factory=dict)
+    ``reasons`` counts each bad file once: an image with five captions is five samples but one broken file, and
+    ``merge`` unites the files several ranks saw. Skips with no file named (an empty caption, a bad row) count as
+    samples. The fraction check counts samples, what the epoch actually lost.
+    """
+
+    seen: int = 0  # samples looked at, kept and skipped
+    samples: Counter = field(default_factory=Counter)  # skipped samples by reason
+    files: dict = field(default_factory=dict)  # reason -> set of the files skipped for it
+    unnamed: Counter = field(default_factory=Counter)  # skipped samples with no file, by reason
+    examples: dict = field(default_factory=dict)  # reason -> the first few described
+
+    @property
+    def reasons(self) -> Counter:
+        return Counter({r: len(self.files.get(r, ())) + self.unnamed[r]
+                        for r in set(self.files) | set(self.unnamed)})
 
     @property
     def skipped(self) -> int:
         return sum(self.reasons.values())
 
     @property
+    def samples_skipped(self) -> int:
+        return sum(self.samples.values())
+
+    @property
     def fraction(self) -> float:
-        return self.skipped / self.seen if self.seen else 0.0
+        return self.samples_skipped / self.seen if self.seen else 0.0
 
     def update(self, batch: Mapping[str, Any]) -> None:
         skipped: Counter = batch["skipped"]
-        self.reasons.update(skipped)
+        self.samples.update(skipped)
         self.seen += len(batch["captions"]) + sum(skipped.values())
-        for reason, described in batch.get("skipped_examples", ()):
-            named = self.examples.setdefault(reason, [])
-            if len(named) < EXAMPLES_PER_REASON:
-                named.append(described)
+        for reason, source, described in batch.get("skipped_samples", ()):
+            if source:
+                named = self.files.setdefault(reason, set())
+                if source in named:
+                    continue
+                named.add(source)
+            else:
+                self.unnamed[reason] += 1
+            self._add_example(reason, described)
+
+    def _add_example(self, reason: str, described: str) -> None:
+        named = self.examples.setdefault(reason, [])
+        if len(named) < EXAMPLES_PER_REASON and described not in named:
+            named.append(described)
+
+    def merge(self, other: "SkipCounter") -> None:
+        """Add another rank's epoch: samples add up, files are united."""
+        self.seen += other.seen
+        self.samples.update(other.samples)
+        self.unnamed.update(other.unnamed)
+        for reason, sources in other.files.items():
+            self.files.setdefault(reason, set()).update(sources)
+        for reason, described in other.examples.items():
+            for d in described:
+                self._add_example(reason, d)
 
     def check(self, max_skip_fraction: float, *, min_seen: int = 0) -> None:
-        check_skip_fraction(self.reasons, self.seen, max_skip_fraction, min_seen=min_seen)
+        check_skip_fraction(self.samples, self.seen, max_skip_fraction, min_seen=min_seen)
 
     def reset(self) -> None:
         self.seen = 0
-        self.reasons = Counter()
-        self.examples = {}
+        self.samples, self.unnamed = Counter(), Counter()
+        self.files, self.examples = {}, {}
 
     def state_dict(self) -> dict[str, Any]:
-        return {"seen": self.seen, "reasons": dict(self.reasons)}
+        return {"seen": self.seen, "samples": dict(self.samples), "unnamed": dict(self.unnamed),
+                "files": {r: sorted(f) for r, f in self.files.items()},
+                "examples": {r: list(e) for r, e in self.examples.items()}}
 
     def load_state_dict(self, state: Mapping[str, Any]) -> None:
+        self.reset()
         self.seen = int(state["seen"])
-        self.reasons = Counter(state["reasons"])
+        if "samples" not in state:  # saved before files were told apart: every skip was a sample
+            self.samples = Counter(state["reasons"])
+            self.unnamed = Counter(state["reasons"])
+            return
+        self.samples, self.unnamed = Counter(state["samples"]), Counter(state["unnamed"])
+        self.files = {r: set(f) for r, f in state["files"].items()}
+        self.examples = {r: list(e) for r, e in state["examples"].items()}
