@@ -118,6 +118,30 @@ def test_itm_negatives_from_the_queue(tiny_model_config, tiny_tokenizer):
     assert stored == set(range(8))
 
 
+def test_itm_queue_negatives_carry_the_same_dropout_noise_as_positives(tiny_model_config, tiny_tokenizer):
+    """Queued negative images come through the path positives take (online encoder and compressor, dropout on), so
+    their dropout noise cannot tell them apart: the best threshold on each sample's distance from its noise-free
+    tokens separates 32 positives from the same 32 images queued as negatives no better than chance allows."""
+    model = _model(tiny_model_config, tiny_tokenizer, itm_negatives="queue")
+    model.set_lora_trainable(True)  # phase 2, LoRA not zero: its dropout is noise too
+    with torch.no_grad():
+        for name, p in model.lora_parameters():
+            if "lora_B" in name:
+                p.normal_(0, 0.5)
+    batch = tiny_batch(tiny_tokenizer, 32)
+    model.train()
+    model(**batch)  # the queue now holds these 32 images
+    negatives = model.queue.image_tokens[:32]
+    positives = model.encode_image(batch["pixel_values"])["image_tokens"].detach()
+    model.eval()
+    clean = model.encode_image(batch["pixel_values"])["image_tokens"].detach()
+    noise = torch.cat([(t.float() - clean).abs().mean(dim=(1, 2)) for t in (positives, negatives)])
+    is_positive = torch.arange(64) < 32
+    best = max(max(((noise >= t) == is_positive).float().mean(), ((noise < t) == is_positive).float().mean())
+               for t in noise)
+    assert best < 0.8, f"dropout noise alone separates positives from negatives ({best:.0%})"
+
+
 def test_generate_greedy_and_beam(tiny_model_config, tiny_tokenizer):
     model = _model(tiny_model_config, tiny_tokenizer).eval()
     pixels = tiny_batch(tiny_tokenizer, 3)["pixel_values"]

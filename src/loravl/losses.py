@@ -18,8 +18,8 @@ class FeatureQueue(nn.Module):
 
     Every rank enqueues the same gathered batch, so the queues stay identical without broadcasting. Slots not yet
     written are tracked by ``filled`` (see ``valid_mask``) and never used as negatives. With ``keep_fusion_inputs``
-    the queue also keeps what fusion needs of each entry (image tokens, text ids and mask) for ITM negatives drawn
-    from the queue.
+    the queue also keeps what fusion needs of each entry (its online image tokens, text ids and mask) for ITM
+    negatives drawn from the queue.
     """
 
     def __init__(self, size: int, embed_dim: int, keep_fusion_inputs: bool = False,

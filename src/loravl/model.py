@@ -265,7 +265,9 @@ class VisionLanguageModel(nn.Module):
         if self.training:
             extra = {}
             if self.queue.keep_fusion_inputs:
-                extra = dict(image_tokens=D.gather_no_grad(image_tokens_m, sizes),
+                # The online tokens, dropout and all: ITM's queued negative images then come through the path its
+                # positives take, and the noise alone cannot tell them apart (momentum tokens have none).
+                extra = dict(image_tokens=D.gather_no_grad(image["image_tokens"].detach(), sizes),
                              text_ids=D.gather_no_grad(input_ids, sizes),
                              text_mask=D.gather_no_grad(attention_mask, sizes))
             self.queue.enqueue(image_feat_m_global, text_feat_m_global, image_ids_global, **extra)
