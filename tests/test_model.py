@@ -142,6 +142,41 @@ def test_itm_queue_negatives_carry_the_same_dropout_noise_as_positives(tiny_mode
     assert best < 0.8, f"dropout noise alone separates positives from negatives ({best:.0%})"
 
 
+def test_gradient_checkpointing_gives_the_same_losses_and_gradients(tiny_model_config, tiny_tokenizer):
+    """Phase 2 with dropout everywhere: the same losses and gradients with activations recomputed as kept; and
+    recomputed they are (each encoder and text block runs twice a step)."""
+    from transformers.modeling_layers import GradientCheckpointingLayer
+
+    results, calls = {}, {}
+    for checkpointing in (False, True):
+        model = _model(tiny_model_config, tiny_tokenizer)
+        model.set_lora_trainable(True)
+        with torch.no_grad():
+            for name, p in model.lora_parameters():
+                if "lora_B" in name:
+                    p.normal_(0, 0.1)
+        model.set_gradient_checkpointing(checkpointing)
+        counted = {"vision": 0, "text": 0}  # calls of the blocks' submodules: a recomputed block calls them again
+        for part in counted:
+            for block in getattr(model, part).modules():
+                if isinstance(block, GradientCheckpointingLayer):
+                    for child in block.children():
+                        child.register_forward_hook(lambda *_, part=part: counted.__setitem__(part, counted[part] + 1))
+        model.train()
+        torch.manual_seed(1)
+        out = model(**tiny_batch(tiny_tokenizer, 4))
+        out["loss"].backward()
+        results[checkpointing] = ({k: out[k].detach() for k in ("loss_itc", "loss_itm", "loss_lm")},
+                                  {n: p.grad for n, p in model.named_parameters() if p.grad is not None})
+        calls[checkpointing] = dict(counted)
+    (losses, grads), (losses_ckpt, grads_ckpt) = results[False], results[True]
+    assert losses == losses_ckpt or all(torch.equal(losses[k], losses_ckpt[k]) for k in losses)
+    assert grads.keys() == grads_ckpt.keys() and any("lora_" in n for n in grads)
+    for name in grads:
+        torch.testing.assert_close(grads_ckpt[name], grads[name], rtol=1e-5, atol=1e-7, msg=name)
+    assert all(calls[True][part] > calls[False][part] > 0 for part in ("vision", "text")), calls
+
+
 def test_generate_greedy_and_beam(tiny_model_config, tiny_tokenizer):
     model = _model(tiny_model_config, tiny_tokenizer).eval()
     pixels = tiny_batch(tiny_tokenizer, 3)["pixel_values"]

@@ -335,6 +335,9 @@ class TrainConfig:
     stop_at_step: Optional[int] = None
     # auto: bf16 where the GPU has it, fp16 on other GPUs, fp32 on CPU
     mixed_precision: str = "auto"
+    # Recompute the encoder's (phase 2) and the text model's activations in the backward instead of keeping
+    # them: less memory for more compute, the same losses and gradients (BENCHMARKS.md has the trade).
+    gradient_checkpointing: bool = False
     # Stop (without saving) after this many optimizer steps in a row with non-finite losses or gradients.
     max_bad_steps: int = 10
     seed: int = 42

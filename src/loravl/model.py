@@ -25,7 +25,7 @@ from .fusion import FusionEncoder
 from .losses import FeatureQueue, hard_negative_weights, itc_loss, lm_loss, sample_hard_negatives
 from .pooling import ImagePool
 from .text import CaptionTokenizer, build_text_model, encode_text, gather_eos
-from .vision import VisionEncoder, num_image_tokens
+from .vision import VisionEncoder, num_image_tokens, set_activation_checkpointing
 
 
 class VisionLanguageModel(nn.Module):
@@ -125,6 +125,12 @@ class VisionLanguageModel(nn.Module):
         for module in (self.vision.model, self.compressor, self.compressor_m, self.text.transformer, self.text_m,
                        self.fusion):
             module.compile(**kwargs)
+
+    def set_gradient_checkpointing(self, enabled: bool) -> None:
+        """Trade compute for memory: the encoder's blocks (phase 2) and the text model's recompute their activations
+        in the backward. The momentum copies run without a graph and are left alone."""
+        self.vision.set_gradient_checkpointing(enabled)
+        set_activation_checkpointing(self.text, enabled)
 
     @torch.no_grad()
     def momentum_update(self) -> None:

@@ -16,8 +16,8 @@ logger = logging.getLogger("loravl.train")
 # Dotted fields (or whole sections, ending in ".") a resumed run may change. The learning rates are re-applied to
 # the restored optimizer; everything else here does not enter the training's arithmetic or its data order.
 MAY_CHANGE = (
-    "train.epochs", "train.max_steps", "train.stop_at_step", "train.lr",
-    "train.lora_lr", "train.max_bad_steps", "train.mixed_precision", "train.use_ddp", "train.num_gpus", "train.cpu",
+    "train.epochs", "train.max_steps", "train.stop_at_step", "train.lr", "train.lora_lr", "train.max_bad_steps",
+    "train.mixed_precision", "train.gradient_checkpointing", "train.use_ddp", "train.num_gpus", "train.cpu",
     "train.compile.", "train.checkpoint.", "train.logging.", "train.profile.",
     "data.num_workers", "data.prefetch_factor", "data.train_path", "data.val_path", "data.image_root",
     "data.max_skip_fraction", "model.vision.pretrained", "model.vision.attn_implementation", "model.text.tokenizer",

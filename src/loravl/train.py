@@ -223,6 +223,8 @@ def build_training_model(model_cfg: ModelConfig, tc: TrainConfig, tokenizer: Cap
         logger.info("Frozen encoder weights stored in bf16 (%d tensors), as autocast would cast them each step",
                     stored)
     logger.info(model.vision.summary.format())
+    if tc.gradient_checkpointing:
+        model.set_gradient_checkpointing(True)
     if tc.compile.enabled:
         torch._dynamo.config.optimize_ddp = tc.compile.ddp_split_graph  # read when the wrapped model compiles
         model.compile(scope=tc.compile.scope, mode=tc.compile.mode)  # in place: names and checkpoints unchanged

@@ -174,6 +174,20 @@ def normalize_pixels(pixel_values: torch.Tensor, scale: torch.Tensor, offset: to
     return (pixel_values.float() * scale - offset).contiguous()
 
 
+def set_activation_checkpointing(model: nn.Module, enabled: bool) -> None:
+    """A transformers model's blocks recompute their activations in the backward (non-reentrant checkpoints,
+    which replay dropout masks). transformers renamed the switch (activation_ from 5.2x); either is accepted."""
+    new = hasattr(model, "activation_checkpointing_enable")
+    if enabled:
+        kwargs = {"use_reentrant": False}
+        if new:
+            model.activation_checkpointing_enable(activation_checkpointing_kwargs=kwargs)
+        else:
+            model.gradient_checkpointing_enable(gradient_checkpointing_kwargs=kwargs)
+    else:
+        model.activation_checkpointing_disable() if new else model.gradient_checkpointing_disable()
+
+
 class VisionEncoder(nn.Module):
     """Frozen backbone + LoRA. ``forward(pixel_values)`` returns ``[B, prefix + patches, hidden]`` tokens.
 
@@ -279,6 +293,15 @@ class VisionEncoder(nn.Module):
         if not self.lora_trainable:
             self.model.eval()
         return self
+
+    def set_gradient_checkpointing(self, enabled: bool) -> None:
+        """Recompute each block's activations in the backward instead of keeping them. Only phase 2 keeps any:
+        phase 1 builds no graph through the encoder. Dropout masks are replayed, so the gradients are the same."""
+        backbone = self.model.base_model.model
+        if hasattr(backbone, "fastvit"):
+            backbone.fastvit.set_grad_checkpointing(enabled)
+        else:
+            set_activation_checkpointing(backbone, enabled)
 
     def forward(self, pixel_values: torch.Tensor) -> torch.Tensor:
         if not torch.compiler.is_compiling():  # host-side bookkeeping; a compiled caller runs it before tracing
