@@ -50,7 +50,7 @@ def main() -> None:
 
     cfg = load_config(args.config, shlex.split(args.common))
     ensure_demo_data(cfg.data.train_path, cfg.data.demo_train_size, cfg.data.demo_val_size,
-                     cfg.data.demo_image_size, cfg.data.demo_seed)
+                     cfg.data.demo_image_size, cfg.data.demo_seed, cfg.data.demo_captions_per_image)
 
     workdir = Path(args.workdir)
     pending = list(args.variant)

@@ -198,6 +198,27 @@ def test_auto_num_workers_shares_the_cores_between_the_processes_of_a_host(tmp_p
     assert loader.loader.num_workers == 2
 
 
+def test_the_demo_with_paraphrases_has_the_same_scenes_and_true_captions(demo_root, tmp_path):
+    """data.demo_captions_per_image: 5 captions a scene, the first the one-caption set's, in a folder of its own;
+    every paraphrase names the scene's two objects and relation (or its inverse, objects swapped)."""
+    cfg = DataConfig(format="demo", train_path=str(tmp_path / "demo"), val_path=str(tmp_path / "demo"),
+                     demo_train_size=TRAIN_SIZE, demo_val_size=VAL_SIZE, demo_image_size=48,
+                     demo_captions_per_image=5)
+    val = next(iter(build_dataloader(build_dataset(cfg, "val", IMAGE_SIZE), cfg, VAL_SIZE, train=False, seed=0,
+                                     num_workers=0)))
+    assert (tmp_path / "demo" / f"train{TRAIN_SIZE}_val{VAL_SIZE}_48px_seed0_captions5").is_dir()
+    single = demo_rows(demo_root, "val")
+    assert [refs[0] for refs in val["all_captions"]] == [r["caption"] for r in single]
+    for refs in val["all_captions"]:
+        assert len(set(refs)) == 5
+        words = refs[0].split()  # a <colour> <shape> <relation...> a <colour> <shape>
+        a, b = " ".join(words[1:3]), " ".join(words[-2:])
+        assert all(a in r and b in r for r in refs), refs
+        assert refs[1].startswith(f"a {b} ") and refs[1].endswith(f" a {a}"), refs
+    with pytest.raises(ConfigError, match="demo_captions_per_image"):
+        DataConfig(demo_captions_per_image=6).validate("data")
+
+
 def test_several_captions_per_image_share_an_id(tmp_path, demo_root):
     (tmp_path / "a.png").write_bytes((demo_root / "val/images/000000.png").read_bytes())
     (tmp_path / "b.png").write_bytes((demo_root / "val/images/000001.png").read_bytes())

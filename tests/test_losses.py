@@ -5,7 +5,8 @@ import torch.nn.functional as F
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from loravl.losses import FeatureQueue, hard_negative_weights, itc_loss, lm_loss, sample_hard_negatives
+from loravl.losses import (CaptionHash, FeatureQueue, hard_negative_weights, itc_loss, lm_loss, same_caption,
+                           sample_hard_negatives)
 
 
 def test_itc_equals_hand_computed_value():
@@ -21,6 +22,39 @@ def test_itc_equals_hand_computed_value():
     # t2i rows: text0 . images = [0.6, 0.8]/0.5, text1 . images = [0.0, 1.0]/0.5
     t2i = (ce([1.2, 1.6], 0) + ce([0.0, 2.0], 1)) / 2
     assert abs(loss.item() - (i2t + t2i) / 2) < 1e-6
+
+
+def test_caption_hash_is_equal_exactly_for_the_same_tokens_at_any_padding():
+    hasher = CaptionHash(max_length=8)
+    ids = torch.tensor([[5, 9, 2, 0, 0, 0], [5, 9, 2, 0, 0, 0], [5, 2, 9, 0, 0, 0], [5, 9, 2, 7, 0, 0],
+                        [5, 9, 0, 0, 0, 0]])
+    mask = torch.tensor([[1, 1, 1, 0, 0, 0]] * 3 + [[1, 1, 1, 1, 0, 0], [1, 1, 0, 0, 0, 0]])
+    h = hasher(ids, mask)
+    assert h[0] == h[1] and len(set(h[1:].tolist())) == 4 and bool((h >= 0).all())
+    assert hasher(ids[:1, :3], mask[:1, :3]) == h[0]  # padded to another width: the same caption
+    # Unknown ids (-1, queue slots of older checkpoints) match nothing, not even each other.
+    assert same_caption(torch.tensor([-1, 4]), torch.tensor([-1, 4])).tolist() == [[False, False], [False, True]]
+    # Distinct random captions: no collisions.
+    g = torch.Generator().manual_seed(0)
+    many = torch.randint(0, 50000, (20000, 8), generator=g)
+    assert len(set(hasher(many, torch.ones_like(many)).tolist())) == len({tuple(r) for r in many.tolist()})
+
+
+def test_itc_counts_a_word_for_word_caption_of_another_image_as_positive():
+    """Images 0 and 1 are captioned alike, and the features say so. Scored as each other's negatives, the loss
+    pulls the two identical texts apart, each towards its own image, which no features can satisfy; counted as
+    positives, the features are at the loss's minimum: no gradient."""
+    image = torch.eye(3)
+    text = F.normalize(torch.tensor([[1.0, 1.0, 0.0], [1.0, 1.0, 0.0], [0.0, 0.0, 1.0]]), dim=1)
+    ids, captions = torch.tensor([0, 1, 2]), torch.tensor([11, 11, 12])
+    t = torch.tensor(0.01)
+    grads = []
+    for kwargs in ({}, {"caption_ids": captions, "caption_ids_all": captions}):
+        image_feat, text_feat = image.clone().requires_grad_(), text.clone().requires_grad_()
+        itc_loss(image_feat, text_feat, image, text, ids, ids, t, **kwargs).backward()
+        grads.append(torch.cat([image_feat.grad, text_feat.grad]).norm())
+    by_image, by_caption = grads
+    assert by_image > 10 and by_caption < 1e-4, grads
 
 
 def test_itc_counts_every_caption_of_an_image_as_positive():

@@ -177,6 +177,29 @@ def test_gradient_checkpointing_gives_the_same_losses_and_gradients(tiny_model_c
     assert all(calls[True][part] > calls[False][part] > 0 for part in ("vision", "text")), calls
 
 
+@pytest.mark.parametrize("itm_negatives", ["batch", "queue"])
+def test_a_word_for_word_caption_of_another_image_is_never_an_itm_negative(tiny_model_config, tiny_tokenizer,
+                                                                          itm_negatives):
+    """Two images, one caption: the caption describes both, so neither pairing is a negative and ITM's loss is
+    its positives' alone; with same_caption_positive off (ALBEF) each image's twin caption is its negative."""
+    batch = tiny_batch(tiny_tokenizer, 2)
+    batch["input_ids"][1], batch["attention_mask"][1] = batch["input_ids"][0], batch["attention_mask"][0]
+    for same_caption_positive in (True, False):
+        model = _model(tiny_model_config, tiny_tokenizer, itm_negatives=itm_negatives,
+                       same_caption_positive=same_caption_positive).eval()
+        if itm_negatives == "queue":  # the queue holds this same batch
+            model.train()
+            model(**batch)
+            model.eval()
+            assert model.queue.caption_ids[0] == model.queue.caption_ids[1] >= 0
+        out = model(**batch)
+        image = model.encode_image(batch["pixel_values"])
+        text = model.encode_text(batch["input_ids"], batch["attention_mask"])
+        logits = model.itm_logits(image["image_tokens"], text["text_states"], batch["attention_mask"])
+        positives_only = torch.nn.functional.cross_entropy(logits.float(), torch.ones(2, dtype=torch.long))
+        assert torch.isclose(out["loss_itm"], positives_only, atol=1e-6) == same_caption_positive
+
+
 def test_generate_greedy_and_beam(tiny_model_config, tiny_tokenizer):
     model = _model(tiny_model_config, tiny_tokenizer).eval()
     pixels = tiny_batch(tiny_tokenizer, 3)["pixel_values"]

@@ -135,6 +135,9 @@ class LossConfig:
     distill_alpha_ramp_steps: Optional[int] = None
     # batch: hard negatives from the global batch; queue: from the ITC queue (which then keeps tokens and ids)
     itm_negatives: str = "batch"
+    # A caption word for word the same as this pair's (another image's, in the batch or the queue) is a positive
+    # in the ITC targets and never an ITM negative; false: only the pair's own image id counts (ALBEF).
+    same_caption_positive: bool = True
     label_smoothing: float = 0.1
     itc_weight: float = 1.0
     itm_weight: float = 1.0
@@ -213,6 +216,9 @@ class DataConfig:
     demo_val_size: int = 200
     demo_image_size: int = 64
     demo_seed: int = 0
+    # Paraphrases written per demo scene (1-5, as COCO has five): several captions of one image in training,
+    # evaluation and retrieval.
+    demo_captions_per_image: int = 1
 
     def validate(self, prefix: str) -> None:
         formats = ("demo", "coco", "karpathy", "jsonl", "csv", "hf", "webdataset")
@@ -229,6 +235,7 @@ class DataConfig:
         _check(self.demo_train_size > 0 and self.demo_val_size >= 0, prefix, "demo_train_size",
                "must be > 0 (and demo_val_size >= 0)")
         _check(self.demo_image_size >= 16, prefix, "demo_image_size", "must be >= 16")
+        _check(1 <= self.demo_captions_per_image <= 5, prefix, "demo_captions_per_image", "must be in 1..5")
 
 
 COMPILE_MODES = ("default", "reduce-overhead", "max-autotune", "max-autotune-no-cudagraphs")

@@ -13,6 +13,36 @@ import torch.nn.functional as F
 from torch import nn
 
 
+class CaptionHash(nn.Module):
+    """One int64 id per caption, the same exactly when the token sequences are: two 31-bit polynomial hashes side
+    by side (odds of a collision among a million distinct captions about 1e-7). Pure tensor arithmetic, so it
+    runs inside a compiled step; ids are >= 0 (-1 marks "unknown" elsewhere)."""
+
+    MODULI = (2_147_483_647, 2_147_483_629)
+    BASES = (1_000_003, 998_244_353)
+
+    def __init__(self, max_length: int):
+        super().__init__()
+        for k, (modulus, base) in enumerate(zip(self.MODULI, self.BASES)):
+            powers = [1]
+            for _ in range(max_length - 1):
+                powers.append(powers[-1] * base % modulus)
+            self.register_buffer(f"powers{k}", torch.tensor(powers, dtype=torch.long), persistent=False)
+
+    def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
+        # Token + 1 under the mask: padding adds nothing, every real token something (< 2^17 * 2^31 per term).
+        tokens = (input_ids.long() + 1) * attention_mask.long()
+        width = tokens.shape[1]
+        h0 = (tokens * self.powers0[:width]).sum(dim=1) % self.MODULI[0]
+        h1 = (tokens * self.powers1[:width]).sum(dim=1) % self.MODULI[1]
+        return h0 * self.MODULI[1] + h1
+
+
+def same_caption(caption_ids: torch.Tensor, caption_ids_all: torch.Tensor) -> torch.Tensor:
+    """[B, N]: row i's caption is candidate j's (unknown ids, -1, match nothing)."""
+    return (caption_ids[:, None] == caption_ids_all[None, :]) & (caption_ids_all[None, :] >= 0)
+
+
 class FeatureQueue(nn.Module):
     """A ring buffer of momentum features (and their image ids) shared by all ranks.
 
@@ -29,6 +59,7 @@ class FeatureQueue(nn.Module):
         self.register_buffer("image_feats", torch.zeros(size, embed_dim))
         self.register_buffer("text_feats", torch.zeros(size, embed_dim))
         self.register_buffer("image_ids", torch.full((size,), -1, dtype=torch.long))
+        self.register_buffer("caption_ids", torch.full((size,), -1, dtype=torch.long))  # CaptionHash; -1: unknown
         self.register_buffer("ptr", torch.zeros((), dtype=torch.long))
         self.register_buffer("filled", torch.zeros((), dtype=torch.long))
         self.keep_fusion_inputs = keep_fusion_inputs
@@ -46,13 +77,16 @@ class FeatureQueue(nn.Module):
 
     @torch.no_grad()
     def enqueue(self, image_feats: torch.Tensor, text_feats: torch.Tensor, image_ids: torch.Tensor,
-                image_tokens: Optional[torch.Tensor] = None, text_ids: Optional[torch.Tensor] = None,
-                text_mask: Optional[torch.Tensor] = None) -> None:
+                caption_ids: Optional[torch.Tensor] = None, image_tokens: Optional[torch.Tensor] = None,
+                text_ids: Optional[torch.Tensor] = None, text_mask: Optional[torch.Tensor] = None) -> None:
         n = image_feats.shape[0]
         if n == 0 or self.size == 0:
             return
+        if caption_ids is None:
+            caption_ids = torch.full_like(image_ids, -1)
         if n > self.size:  # keep only the newest entries
             image_feats, text_feats, image_ids = image_feats[-self.size:], text_feats[-self.size:], image_ids[-self.size:]
+            caption_ids = caption_ids[-self.size:]
             if self.keep_fusion_inputs:
                 image_tokens, text_ids, text_mask = image_tokens[-self.size:], text_ids[-self.size:], text_mask[-self.size:]
             n = self.size
@@ -60,6 +94,7 @@ class FeatureQueue(nn.Module):
         self.image_feats[slots] = image_feats.to(self.image_feats.dtype)
         self.text_feats[slots] = text_feats.to(self.text_feats.dtype)
         self.image_ids[slots] = image_ids
+        self.caption_ids[slots] = caption_ids
         if self.keep_fusion_inputs:
             self.image_tokens[slots] = image_tokens.to(self.image_tokens.dtype)
             pad = self.text_ids.shape[1] - text_ids.shape[1]  # batches are padded only to their longest caption
@@ -74,16 +109,21 @@ def itc_loss(image_feat: torch.Tensor, text_feat: torch.Tensor,
              image_ids: torch.Tensor, image_ids_all: torch.Tensor, temperature: torch.Tensor,
              distill_alpha: Union[float, torch.Tensor] = 0.0,
              image_feat_m: Optional[torch.Tensor] = None, text_feat_m: Optional[torch.Tensor] = None,
-             candidate_mask: Optional[torch.Tensor] = None) -> torch.Tensor:
+             candidate_mask: Optional[torch.Tensor] = None, caption_ids: Optional[torch.Tensor] = None,
+             caption_ids_all: Optional[torch.Tensor] = None) -> torch.Tensor:
     """Image-text contrastive loss (ALBEF).
 
     ``image_feat``/``text_feat``: this rank's L2-normalised online features [B, E]. ``*_all``: the candidates, i.e.
     the momentum features of the global batch followed by the queue [N, E], with their image ids. Every candidate
-    with the same image id is a positive (several captions of one image). With ``distill_alpha`` > 0 the target
-    mixes in the momentum model's own similarity distribution. ``candidate_mask`` [N]: False for candidates that do
-    not exist (queue slots not yet written); they take no part, exactly as if left out.
+    with the same image id is a positive (several captions of one image), and with ``caption_ids`` (CaptionHash)
+    every candidate with the same caption too (one caption of several images: a word-for-word copy of the text
+    scored as its negative is a target no model can meet). With ``distill_alpha`` > 0 the target mixes in the
+    momentum model's own similarity distribution. ``candidate_mask`` [N]: False for candidates that do not exist
+    (queue slots not yet written); they take no part, exactly as if left out.
     """
     positives = image_ids[:, None] == image_ids_all[None, :]
+    if caption_ids is not None:
+        positives = positives | same_caption(caption_ids, caption_ids_all)
     if candidate_mask is not None:
         positives = positives & candidate_mask[None, :]
     positives = positives.float()

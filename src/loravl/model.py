@@ -13,6 +13,7 @@ Single-device code: the only cross-rank steps are the gathers in loravl.distribu
 from __future__ import annotations
 
 import copy
+from typing import Optional
 
 import torch
 import torch.nn.functional as F
@@ -22,7 +23,8 @@ from . import distributed as D
 from .compressor import TokenCompressor
 from .config import ModelConfig
 from .fusion import FusionEncoder
-from .losses import FeatureQueue, hard_negative_weights, itc_loss, lm_loss, sample_hard_negatives
+from .losses import (CaptionHash, FeatureQueue, hard_negative_weights, itc_loss, lm_loss, same_caption,
+                     sample_hard_negatives)
 from .pooling import ImagePool
 from .text import CaptionTokenizer, build_text_model, encode_text, gather_eos
 from .vision import VisionEncoder, num_image_tokens, set_activation_checkpointing
@@ -73,6 +75,7 @@ class VisionLanguageModel(nn.Module):
         self._image_path_compiled = False  # the encoder and compressor, by compile() or generate(compile=True)
         self._forward_compiled = False  # compile(scope="forward")
 
+        self.caption_hash = CaptionHash(cfg.text.max_length)  # which captions of a step are word for word the same
         keep_fusion_inputs = cfg.loss.itm_negatives == "queue"
         self.queue = FeatureQueue(
             cfg.loss.queue_size, embed_dim, keep_fusion_inputs=keep_fusion_inputs,
@@ -249,6 +252,9 @@ class VisionLanguageModel(nn.Module):
             image_feat_m_global = D.gather_no_grad(image_feat_m, sizes)
             text_feat_m_global = D.gather_no_grad(text_feat_m, sizes)
             image_ids_global = D.gather_no_grad(image_ids, sizes)
+            caption_ids = self.caption_hash(input_ids, attention_mask)
+            caption_ids_global = D.gather_no_grad(caption_ids, sizes)
+            caption_ids_all = torch.cat([caption_ids_global, self.queue.caption_ids])
             # Every queue slot is a candidate column, masked until written: the same shapes every step.
             image_feat_all = torch.cat([image_feat_m_global, self.queue.image_feats.to(image_feat_m.dtype)])
             text_feat_all = torch.cat([text_feat_m_global, self.queue.text_feats.to(text_feat_m.dtype)])
@@ -258,12 +264,15 @@ class VisionLanguageModel(nn.Module):
         loss_itc = itc_loss(image["image_feat"], text["text_feat"], image_feat_all, text_feat_all,
                             image_ids, image_ids_all, temperature,
                             self.distill_alpha if w.distill_alpha > 0 else 0.0, image_feat_m, text_feat_m,
-                            candidate_mask)
+                            candidate_mask, *((caption_ids, caption_ids_all) if w.same_caption_positive else ()))
 
+        # ITM's positives by image id, and by caption where identical captions count as positives.
+        own = caption_ids if w.same_caption_positive else None
         if w.itm_negatives == "queue":
-            itm = self._itm_queue_negatives(image, text, attention_mask, image_ids, temperature)
+            itm = self._itm_queue_negatives(image, text, attention_mask, image_ids, own, temperature)
         else:
-            itm = self._itm_batch_negatives(image, text, attention_mask, image_ids, temperature, sizes)
+            itm = self._itm_batch_negatives(image, text, attention_mask, image_ids, own, caption_ids_global,
+                                            temperature, sizes)
 
         logits = self.caption_logits(image["image_tokens"], input_ids, attention_mask)
         loss_lm = lm_loss(logits, input_ids, attention_mask, w.label_smoothing)
@@ -276,7 +285,7 @@ class VisionLanguageModel(nn.Module):
                 extra = dict(image_tokens=D.gather_no_grad(image["image_tokens"].detach(), sizes),
                              text_ids=D.gather_no_grad(input_ids, sizes),
                              text_mask=D.gather_no_grad(attention_mask, sizes))
-            self.queue.enqueue(image_feat_m_global, text_feat_m_global, image_ids_global, **extra)
+            self.queue.enqueue(image_feat_m_global, text_feat_m_global, image_ids_global, caption_ids_global, **extra)
 
         loss = w.itc_weight * loss_itc + w.itm_weight * itm["loss_itm"] + w.lm_weight * loss_lm
         return {"loss": loss, "loss_itc": loss_itc, "loss_itm": itm["loss_itm"], "loss_lm": loss_lm,
@@ -296,6 +305,7 @@ class VisionLanguageModel(nn.Module):
         return {"loss_itm": loss, "itm_accuracy": accuracy}
 
     def _itm_batch_negatives(self, image: dict, text: dict, mask: torch.Tensor, image_ids: torch.Tensor,
+                             caption_ids: Optional[torch.Tensor], caption_ids_global: torch.Tensor,
                              temperature: torch.Tensor, sizes: list[int]) -> dict[str, torch.Tensor]:
         """For each image one hard negative text, for each text one hard negative image, from the global batch."""
         image_tokens, text_states = image["image_tokens"], text["text_states"]
@@ -307,6 +317,8 @@ class VisionLanguageModel(nn.Module):
             image_feat_global = D.gather_no_grad(image["image_feat"], sizes)
             text_feat_global = D.gather_no_grad(text["text_feat"], sizes)
             positive = image_ids[:, None] == image_ids_global[None, :]
+            if caption_ids is not None:
+                positive |= same_caption(caption_ids, caption_ids_global)
             weights_i2t = hard_negative_weights(image["image_feat"] @ text_feat_global.t() / temperature, positive)
             weights_t2i = hard_negative_weights(text["text_feat"] @ image_feat_global.t() / temperature, positive)
             hard_negative_texts, has_text = sample_hard_negatives(weights_i2t, positive)
@@ -321,12 +333,14 @@ class VisionLanguageModel(nn.Module):
         return self._itm_loss(pair_images, pair_texts, pair_masks, torch.cat([has_text, has_image]))
 
     def _itm_queue_negatives(self, image: dict, text: dict, mask: torch.Tensor, image_ids: torch.Tensor,
-                             temperature: torch.Tensor) -> dict[str, torch.Tensor]:
+                             caption_ids: Optional[torch.Tensor], temperature: torch.Tensor) -> dict[str, torch.Tensor]:
         """As above, but the negatives come from the queue: its image tokens, and its texts re-encoded."""
         with torch.no_grad():
             # Queue slots not yet written are never negatives; before the first enqueue no row has one, and the
             # negative pairs then weigh 0 (the same shapes from the first step on).
             not_candidate = (image_ids[:, None] == self.queue.image_ids[None, :]) | ~self.queue.valid_mask()[None, :]
+            if caption_ids is not None:
+                not_candidate |= same_caption(caption_ids, self.queue.caption_ids)
             text_feats = self.queue.text_feats.to(text["text_feat"].dtype)
             image_feats = self.queue.image_feats.to(image["image_feat"].dtype)
             weights_i2t = hard_negative_weights(image["image_feat"] @ text_feats.t() / temperature, not_candidate)

@@ -41,6 +41,22 @@ def demo_caption(first: tuple[str, str], relation: str, second: tuple[str, str])
     return f"a {first[0]} {first[1]} {relation} a {second[0]} {second[1]}"
 
 
+# Each relation as "the A is ... the B" says it, and the relation that holds the other way round.
+RELATION_PHRASES = {"left of": "to the left of", "right of": "to the right of", "above": "above", "below": "below"}
+INVERSE = {"left of": "right of", "right of": "left of", "above": "below", "below": "above"}
+
+
+def demo_captions(first: tuple[str, str], relation: str, second: tuple[str, str], count: int) -> list[str]:
+    """The scene's canonical caption (``demo_caption``) and up to four paraphrases, ``count`` in all, in this order:
+    the objects swapped, "there is ...", "the A is ... the B", "the B is ... the A"."""
+    a, b = f"{first[0]} {first[1]}", f"{second[0]} {second[1]}"
+    inverse = INVERSE[relation]
+    captions = [demo_caption(first, relation, second), f"a {b} {inverse} a {a}",
+                f"there is a {a} {relation} a {b}", f"the {a} is {RELATION_PHRASES[relation]} the {b}",
+                f"the {b} is {RELATION_PHRASES[inverse]} the {a}"]
+    return captions[:count]
+
+
 def _object_order(obj: tuple[str, str]) -> tuple[int, int]:
     return list(COLOURS).index(obj[0]), SHAPES.index(obj[1])
 
@@ -56,8 +72,8 @@ def _draw_shape(draw: ImageDraw.ImageDraw, shape: str, centre: tuple[float, floa
         draw.polygon([(x, y - half), (x + half, y + half), (x - half, y + half)], fill=colour)
 
 
-def render_scene(rng: random.Random, image_size: int) -> tuple[Image.Image, str]:
-    """Draw one random scene; returns the image and its caption."""
+def render_scene(rng: random.Random, image_size: int, captions: int = 1) -> tuple[Image.Image, list[str]]:
+    """Draw one random scene; returns the image and ``captions`` captions of it (``demo_captions``)."""
     objects = [(c, s) for c in COLOURS for s in SHAPES]
     first, second = sorted(rng.sample(objects, 2), key=_object_order)
     relation = rng.choice(RELATIONS)
@@ -79,7 +95,7 @@ def render_scene(rng: random.Random, image_size: int) -> tuple[Image.Image, str]
     draw = ImageDraw.Draw(image)
     _draw_shape(draw, first[1], first_centre, half, COLOURS[first[0]])
     _draw_shape(draw, second[1], second_centre, half, COLOURS[second[0]])
-    return image, demo_caption(first, relation, second)
+    return image, demo_captions(first, relation, second, captions)
 
 
 def _is_complete(root: Path, params: dict) -> bool:
@@ -93,7 +109,7 @@ def _is_complete(root: Path, params: dict) -> bool:
 
 
 def ensure_demo_data(root: Union[str, os.PathLike], train_size: int = 2000, val_size: int = 200,
-                     image_size: int = 64, seed: int = 0) -> Path:
+                     image_size: int = 64, seed: int = 0, captions_per_image: int = 1) -> Path:
     """The demo set with these settings: a folder under ``root`` named by them, generated unless complete.
 
     Runs that ask for other sizes get folders of their own, so one never regenerates the set another run is
@@ -104,6 +120,9 @@ def ensure_demo_data(root: Union[str, os.PathLike], train_size: int = 2000, val_
     params = {"version": _FORMAT_VERSION, "train_size": train_size, "val_size": val_size,
               "image_size": image_size, "seed": seed}
     folder = root / f"train{train_size}_val{val_size}_{image_size}px_seed{seed}"
+    if captions_per_image > 1:  # (one caption: the folders and markers of earlier releases stay valid)
+        params["captions_per_image"] = captions_per_image
+        folder = folder.with_name(folder.name + f"_captions{captions_per_image}")
     if _is_complete(folder, params):
         return folder
     logger.info("Generating the demo set (%d training and %d validation scenes, %d px) into %s", train_size,
@@ -116,10 +135,11 @@ def ensure_demo_data(root: Union[str, os.PathLike], train_size: int = 2000, val_
         with open(staging / split / "captions.jsonl", "w", encoding="utf-8") as manifest:
             for index in range(count):
                 rng = random.Random(f"loravl-demo-{seed}-{split}-{index}")
-                image, caption = render_scene(rng, image_size)
+                image, captions = render_scene(rng, image_size, captions_per_image)
                 relative = f"images/{index:06d}.png"
                 image.save(staging / split / relative)
-                manifest.write(json.dumps({"image": relative, "caption": caption}) + "\n")
+                for caption in captions:  # the jsonl reader gathers the rows of one image into its captions
+                    manifest.write(json.dumps({"image": relative, "caption": caption}) + "\n")
     (staging / _MARKER).write_text(json.dumps(params))
     if _is_complete(folder, params):  # another process finished first
         shutil.rmtree(staging, ignore_errors=True)

@@ -379,7 +379,8 @@ def open_source(cfg: DataConfig, split: str) -> Union[RecordTable, ShardSource]:
         from loravl.data.demo import ensure_demo_data
 
         root = ensure_demo_data(cfg.train_path, train_size=cfg.demo_train_size, val_size=cfg.demo_val_size,
-                                image_size=cfg.demo_image_size, seed=cfg.demo_seed)
+                                image_size=cfg.demo_image_size, seed=cfg.demo_seed,
+                                captions_per_image=cfg.demo_captions_per_image)
         demo_split = "train" if split == "train" else "val"
         return read_manifest(root / demo_split / "captions.jsonl", "image", "caption", None, "jsonl")
     if fmt == "coco":
