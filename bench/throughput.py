@@ -129,6 +129,7 @@ def main(argv: list[str] | None = None) -> dict:
     parser.add_argument("--generate_batch", type=int, default=256)
     parser.add_argument("--new_tokens", type=int, default=30)
     parser.add_argument("--gradient_checkpointing", action="store_true", help="train.gradient_checkpointing")
+    parser.add_argument("--momentum_encoder", action="store_true", help="model.loss.momentum_encoder")
     parser.add_argument("--no_flops", dest="flops", action="store_false", help="skip the FLOP count (and MFU)")
     parser.add_argument("--no_generate", dest="generate", action="store_false")
     parser.add_argument("--tiny", action="store_true", help="a tiny model: a CPU smoke test of the script")
@@ -145,6 +146,7 @@ def main(argv: list[str] | None = None) -> dict:
     tc = TrainConfig(batch_size=args.batch_size, warmup_steps=5, compile=compile_cfg,
                      gradient_checkpointing=args.gradient_checkpointing)
     model_cfg = stage1_model_config(args.image_size, tiny=args.tiny)
+    model_cfg.loss.momentum_encoder = args.momentum_encoder
     tokenizer = random_word_tokenizer(model_cfg.text.vocab_size, model_cfg.text.max_length)
     precision = choose_precision(tc.mixed_precision, device)
     batches = synthetic_batches(tokenizer, args.batch_size, args.image_size, 4, pin=device.type == "cuda")

@@ -200,6 +200,48 @@ def test_a_word_for_word_caption_of_another_image_is_never_an_itm_negative(tiny_
         assert torch.isclose(out["loss_itm"], positives_only, atol=1e-6) == same_caption_positive
 
 
+def test_momentum_encoder_is_an_ema_of_lora_over_the_shared_backbone(tiny_model_config, tiny_tokenizer):
+    """loss.momentum_encoder: the copy holds only LoRA weights of its own; in phase 1 it changes nothing (the
+    losses equal the run without it); in phase 2 its LoRA follows the online LoRA by EMA and its features feed the
+    queue; the checkpoint keeps its LoRA, not the backbone twice."""
+    plain = _model(tiny_model_config, tiny_tokenizer)
+    model = _model(tiny_model_config, tiny_tokenizer, momentum_encoder=True)
+    online = dict(model.vision.named_parameters())
+    for name, p in model.vision_m.named_parameters(remove_duplicate=False):
+        assert (p is online[name]) == ("lora_" not in name), name
+        assert not p.requires_grad
+    assert {n for n, _ in model.named_parameters()} - {n for n, _ in plain.named_parameters()} == \
+        {f"vision_m.{n}" for n, _ in model.vision.lora_parameters()}
+    saved = model.checkpoint_state_dict()
+    assert not model.cfg.vision.random_init
+    assert {k for k in saved if k.startswith("vision_m.")} == {f"vision_m.{n}" for n, _ in model.vision.lora_parameters()}
+
+    batch = tiny_batch(tiny_tokenizer, 4)
+    for m in (plain, model):
+        torch.manual_seed(3)
+        m.train()
+        m.out = m(**batch)
+    for key in ("loss_itc", "loss_itm", "loss_lm"):
+        assert torch.equal(model.out[key], plain.out[key]), key
+
+    model.set_lora_trainable(True)
+    optimizer = torch.optim.SGD([p for _, p in model.trainable_parameters()], lr=0.5)
+    model(**batch)["loss"].backward()
+    optimizer.step()  # the online LoRA moves
+    lora_m = [p for _, p in model.vision_m.lora_parameters()]
+    before = [p.detach().clone() for p in lora_m]
+    online = [p.detach().clone() for _, p in model.vision.lora_parameters()]
+    model(**batch)  # its EMA step, towards the trained LoRA
+    mu = model.cfg.loss.momentum
+    assert any(not torch.equal(a, b) for a, b in zip(before, lora_m))
+    for now, b, o in zip(lora_m, before, online):
+        torch.testing.assert_close(now, mu * b + (1 - mu) * o)
+    with torch.no_grad():
+        model.eval()
+        pixels = batch["pixel_values"]
+        assert not torch.allclose(model.vision_m(pixels), model.vision(pixels))
+
+
 def test_generate_greedy_and_beam(tiny_model_config, tiny_tokenizer):
     model = _model(tiny_model_config, tiny_tokenizer).eval()
     pixels = tiny_batch(tiny_tokenizer, 3)["pixel_values"]

@@ -163,10 +163,12 @@ def test_exact_resume_chain_add_group(tmp_path, data_root):
 
 
 def test_exact_resume_recreate_two_ranks(tmp_path, data_root):
-    """Two ranks, lora_unfreeze_optimizer=recreate, a loader worker per rank, 2 micro-batches per step;
-    interrupted inside phase 2: per-rank RNG and loader states, the recreated optimizer's state."""
+    """Two ranks, lora_unfreeze_optimizer=recreate, a loader worker per rank, 2 micro-batches per step, the
+    momentum encoder and ITM negatives from the queue; interrupted inside phase 2: per-rank RNG and loader states,
+    the recreated optimizer's state, the momentum LoRA and the queue."""
     common = ("--train.epochs", "3", "--train.lora_unfreeze_optimizer", "recreate", "--data.num_workers", "1",
-              "--train.grad_accum_steps", "2")
+              "--train.grad_accum_steps", "2", "--model.loss.momentum_encoder", "true",
+              "--model.loss.itm_negatives", "queue")
     reference = tmp_path / "reference"  # 2 steps per epoch; phase 2 from step 3
     run(run_args(reference, data_root, 32, *common), nproc=2)
     resumed = tmp_path / "resumed"

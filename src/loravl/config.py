@@ -128,6 +128,10 @@ class LossConfig:
     max_temperature: float = 0.5
     queue_size: int = 4096
     momentum: float = 0.995
+    # Momentum image features from an EMA copy of the encoder's LoRA weights (ALBEF's momentum encoder): in phase 2
+    # a second encoder forward each step. Off: from the online encoder's output (identical in phase 1, where LoRA
+    # is frozen). BENCHMARKS.md has what it costs and changes.
+    momentum_encoder: bool = False
     # ALBEF's momentum distillation: the ITC target mixes alpha of the momentum model's similarities. Alpha ramps
     # from 0 over distill_alpha_ramp_steps optimizer steps (None: the first epoch, as ALBEF; 0: no ramp), while
     # the momentum model is as untrained as the online one.

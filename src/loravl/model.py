@@ -27,7 +27,7 @@ from .losses import (CaptionHash, FeatureQueue, hard_negative_weights, itc_loss,
                      sample_hard_negatives)
 from .pooling import ImagePool
 from .text import CaptionTokenizer, build_text_model, encode_text, gather_eos
-from .vision import VisionEncoder, num_image_tokens, set_activation_checkpointing
+from .vision import LoraOf, VisionEncoder, momentum_encoder, num_image_tokens, set_activation_checkpointing
 
 
 class VisionLanguageModel(nn.Module):
@@ -51,8 +51,10 @@ class VisionLanguageModel(nn.Module):
         # a compiled forward reads the new value without recompiling; not saved (the trainer sets it every step).
         self.register_buffer("distill_alpha", torch.tensor(float(cfg.loss.distill_alpha)), persistent=False)
 
-        # Momentum (EMA) copies of the trainable embedding path. The encoder is not copied: its output is shared,
-        # detached (an EMA encoder would cost a second encoder forward every step).
+        # Momentum (EMA) copies of the trainable embedding path. The encoder is copied only with
+        # loss.momentum_encoder (its LoRA weights; the frozen base is shared); otherwise its output is shared,
+        # detached.
+        self.vision_m = momentum_encoder(self.vision) if cfg.loss.momentum_encoder else None
         self.compressor_m = copy.deepcopy(self.compressor)
         self.image_pool_m = copy.deepcopy(self.image_pool)
         self.vision_proj_m = copy.deepcopy(self.vision_proj)
@@ -61,6 +63,8 @@ class VisionLanguageModel(nn.Module):
         for online, momentum in self._momentum_pairs():
             momentum.requires_grad_(False)
             momentum.eval()
+        if self.vision_m is not None:
+            self.vision_m.eval()
 
         self._decoding_caches: dict = {}  # generate(compile=True); not state: rebuilt on demand
         # Listed once for momentum_update, which runs every step (in a compiled forward, a lazy listing would be
@@ -86,9 +90,12 @@ class VisionLanguageModel(nn.Module):
     # -- parameters and phases ----------------------------------------------------------------------------------
 
     def _momentum_pairs(self) -> list[tuple[nn.Module, nn.Module]]:
-        return [(self.compressor, self.compressor_m), (self.image_pool, self.image_pool_m),
-                (self.vision_proj, self.vision_proj_m),
-                (self.text.transformer, self.text_m), (self.text_proj, self.text_proj_m)]
+        pairs = [(self.compressor, self.compressor_m), (self.image_pool, self.image_pool_m),
+                 (self.vision_proj, self.vision_proj_m),
+                 (self.text.transformer, self.text_m), (self.text_proj, self.text_proj_m)]
+        if self.vision_m is not None:
+            pairs.insert(0, (LoraOf(self.vision), LoraOf(self.vision_m)))
+        return pairs
 
     def lora_parameters(self) -> list[tuple[str, nn.Parameter]]:
         return [(f"vision.{n}", p) for n, p in self.vision.lora_parameters()]
@@ -103,6 +110,8 @@ class VisionLanguageModel(nn.Module):
         super().train(mode)
         for _, momentum in self._momentum_pairs():
             momentum.eval()  # momentum targets without dropout noise
+        if self.vision_m is not None:
+            self.vision_m.eval()
         return self
 
     def compile(self, scope: str = "forward", **kwargs) -> None:
@@ -126,7 +135,7 @@ class VisionLanguageModel(nn.Module):
             raise ValueError(f"compile scope must be 'forward' or 'modules', not {scope!r}")
         self._image_path_compiled = True
         for module in (self.vision.model, self.compressor, self.compressor_m, self.text.transformer, self.text_m,
-                       self.fusion):
+                       self.fusion, *([self.vision_m.model] if self.vision_m is not None else [])):
             module.compile(**kwargs)
 
     def set_gradient_checkpointing(self, enabled: bool) -> None:
@@ -225,6 +234,8 @@ class VisionLanguageModel(nn.Module):
                 image_ids: torch.Tensor) -> dict[str, torch.Tensor]:
         """All three losses and their weighted sum (``loss``); also updates the momentum copies and the queue."""
         self.vision.update_adapter_path()  # host-side bookkeeping, kept out of compiled code
+        if self.vision_m is not None:
+            self.vision_m.update_adapter_path()
         if self._forward_compiled:
             # Batches are padded to their longest caption: a caption width marked dynamic from the first batch
             # compiles the graph once, not once static and again at the second width (minutes on a GPU).
@@ -244,7 +255,12 @@ class VisionLanguageModel(nn.Module):
         with torch.no_grad():
             if self.training and self.momentum_in_forward:
                 self.momentum_update()
-            image_tokens_m = self.compressor_m(image["encoder_tokens"].detach())
+            encoder_tokens_m = image["encoder_tokens"].detach()
+            if self.vision_m is not None and self.vision.lora_trainable:
+                # Phase 2: the EMA LoRA weights differ from the online ones. In phase 1 neither has moved, and
+                # both encoders run without dropout: the online output is the momentum one.
+                encoder_tokens_m = self.vision_m(pixel_values)
+            image_tokens_m = self.compressor_m(encoder_tokens_m)
             image_feat_m = F.normalize(self.vision_proj_m(self.image_pool_m(image_tokens_m)), dim=-1)
             text_feat_m = F.normalize(
                 self.text_proj_m(gather_eos(encode_text(self.text_m, input_ids, attention_mask), attention_mask)),
@@ -383,4 +399,5 @@ class VisionLanguageModel(nn.Module):
         state = self.state_dict()
         if self.cfg.vision.random_init:
             return state
-        return {k: v for k, v in state.items() if not (k.startswith("vision.") and "lora_" not in k)}
+        return {k: v for k, v in state.items()
+                if not (k.startswith(("vision.", "vision_m.")) and "lora_" not in k)}
