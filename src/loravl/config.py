@@ -115,6 +115,32 @@ class FusionConfig:
 
 
 @dataclass
+class MemoryConfig:
+    """Larimar's generative pseudo-inverse memory (loravl.memory)."""
+
+    enabled: bool = False
+    # K slots of `dim` numbers each; an episode writes `episode_size` image-caption pairs.
+    slots: int = 32
+    dim: int = 128
+    episode_size: int = 16
+    # Standard deviation of the write noise (training only) and of the observation noise of sequential writes
+    # and forgets.
+    noise: float = 0.05
+    # Weight of the KL term of the read weights against N(0, I).
+    kl_weight: float = 0.1
+    # Ben-Israel-Cohen iterations per pseudo-inverse.
+    pinv_steps: int = 15
+
+    def validate(self, prefix: str) -> None:
+        _check(self.slots > 0, prefix, "slots", "must be > 0")
+        _check(self.dim > 0, prefix, "dim", "must be > 0")
+        _check(self.episode_size > 0, prefix, "episode_size", "must be > 0")
+        _check(self.noise > 0, prefix, "noise", "must be > 0")
+        _check(self.kl_weight >= 0, prefix, "kl_weight", "must be >= 0")
+        _check(self.pinv_steps > 0, prefix, "pinv_steps", "must be > 0")
+
+
+@dataclass
 class LossConfig:
     # Width of the ITC embedding space both modalities are projected into.
     embed_dim: int = 256
@@ -174,9 +200,10 @@ class ModelConfig:
     text: TextConfig = field(default_factory=TextConfig)
     fusion: FusionConfig = field(default_factory=FusionConfig)
     loss: LossConfig = field(default_factory=LossConfig)
+    memory: MemoryConfig = field(default_factory=MemoryConfig)
 
     def validate(self, prefix: str) -> None:
-        for name in ("vision", "compressor", "text", "fusion", "loss"):
+        for name in ("vision", "compressor", "text", "fusion", "loss", "memory"):
             getattr(self, name).validate(f"{prefix}.{name}")
         if self.loss.image_pooling == "attention":
             _check(self.compressor.embed_dim % self.loss.image_pooling_heads == 0, f"{prefix}.loss",
