@@ -84,10 +84,11 @@ def main() -> None:
     parser.add_argument("--out", required=True)
     args = parser.parse_args()
     env = DistributedEnv(rank=0, local_rank=0, world_size=1, device=torch.device("cuda"))
-    rows = [largest_batch(checkpointing, args, env) for checkpointing in (False, True)]
-    for row in rows:
-        print(row, flush=True)
-    write_results(args.out, {**environment(env.device), "args": vars(args), "rows": rows})
+    rows = []
+    for checkpointing in (True, False):  # each written as it ends: a cut-off run keeps what it finished
+        rows.append(largest_batch(checkpointing, args, env))
+        print(rows[-1], flush=True)
+        write_results(args.out, {**environment(env.device), "args": vars(args), "rows": rows})
 
 
 if __name__ == "__main__":

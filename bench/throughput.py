@@ -130,6 +130,7 @@ def main(argv: list[str] | None = None) -> dict:
     parser.add_argument("--new_tokens", type=int, default=30)
     parser.add_argument("--gradient_checkpointing", action="store_true", help="train.gradient_checkpointing")
     parser.add_argument("--momentum_encoder", action="store_true", help="model.loss.momentum_encoder")
+    parser.add_argument("--memory", action="store_true", help="model.memory.enabled (the stage-1 sizes)")
     parser.add_argument("--no_flops", dest="flops", action="store_false", help="skip the FLOP count (and MFU)")
     parser.add_argument("--no_generate", dest="generate", action="store_false")
     parser.add_argument("--tiny", action="store_true", help="a tiny model: a CPU smoke test of the script")
@@ -147,6 +148,7 @@ def main(argv: list[str] | None = None) -> dict:
                      gradient_checkpointing=args.gradient_checkpointing)
     model_cfg = stage1_model_config(args.image_size, tiny=args.tiny)
     model_cfg.loss.momentum_encoder = args.momentum_encoder
+    model_cfg.memory.enabled = args.memory
     tokenizer = random_word_tokenizer(model_cfg.text.vocab_size, model_cfg.text.max_length)
     precision = choose_precision(tc.mixed_precision, device)
     batches = synthetic_batches(tokenizer, args.batch_size, args.image_size, 4, pin=device.type == "cuda")

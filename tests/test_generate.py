@@ -186,6 +186,47 @@ def test_python_api(checkpoint_dir, tmp_path):
         loravl.caption(model, [path, bad], max_new_tokens=6)
 
 
+def test_cli_writes_forgets_saves_and_reloads_a_memory(tmp_path, tiny_model_config, tiny_tokenizer):
+    """--memory pairs.jsonl writes the pairs before captioning, --forget removes some, --save_memory keeps the
+    result; --memory of that file captions as the in-process API does with the same memory."""
+    import dataclasses
+
+    from loravl.generate import caption, read_memory_pairs, write_memory_pairs
+
+    cfg = dataclasses.replace(tiny_model_config, memory=dataclasses.replace(
+        tiny_model_config.memory, enabled=True, slots=8, dim=16, episode_size=4))
+    torch.manual_seed(0)
+    model = VisionLanguageModel(cfg, tiny_tokenizer).eval()
+    directory = tmp_path / "ckpt"
+    Checkpointer(directory, keep_last=1, rank=0, world_size=1).save(
+        5, ModelWeights(model), shared={}, per_rank={"rng": RNGState()}, train_state=TrainState(step=5),
+        run_config=RunConfig(model=cfg).to_dict(), tokenizer=model.tokenizer)
+    images = write_good_images(tmp_path / "photos")
+    (tmp_path / "pairs.jsonl").write_text("\n".join(
+        json.dumps({"image": f"photos/{p.name}", "caption": f"a red circle above a {colour} square"})
+        for p, colour in zip(images, ("blue", "green", "yellow", "purple"))))
+    (tmp_path / "forget.jsonl").write_text(json.dumps({"image": f"photos/{images[0].name}",
+                                                       "caption": "a red circle above a blue square"}))
+    saved = tmp_path / "memory.safetensors"
+    first = run_cli("--checkpoint", str(directory), "--images", *map(str, images), "--max_new_tokens", "5",
+                    "--memory", str(tmp_path / "pairs.jsonl"), "--forget", str(tmp_path / "forget.jsonl"),
+                    "--save_memory", str(saved))
+    assert first.returncode == 0 and saved.is_file(), first.stderr
+    again = run_cli("--checkpoint", str(directory), "--images", *map(str, images), "--max_new_tokens", "5",
+                    "--memory", str(saved))
+    assert again.returncode == 0 and parse_captions(again.stdout) == parse_captions(first.stdout), again.stderr
+    state = write_memory_pairs(model, read_memory_pairs(tmp_path / "pairs.jsonl"))
+    state = write_memory_pairs(model, read_memory_pairs(tmp_path / "forget.jsonl"), state=state, forget=True)
+    in_process = caption(model, images, max_new_tokens=5, memory=state)
+    assert [parse_captions(first.stdout)[p.name] for p in images] == [" ".join(c.split()) for c in in_process]
+
+    (tmp_path / "bad.jsonl").write_text('{"image": "photos/x.png"}\n')
+    bad = run_cli("--checkpoint", str(directory), "--images", str(images[0]), "--memory", str(tmp_path / "bad.jsonl"))
+    assert bad.returncode == 2 and "bad.jsonl, line 1" in bad.stderr, bad.stderr
+    alone = run_cli("--checkpoint", str(directory), "--images", str(images[0]), "--forget", str(tmp_path / "forget.jsonl"))
+    assert alone.returncode == 2 and "give the memory with --memory" in alone.stderr, alone.stderr
+
+
 def test_expand_image_inputs(tmp_path):
     write_good_images(tmp_path / "a")
     (tmp_path / "a" / "notes.txt").write_text("skip me")

@@ -242,6 +242,42 @@ def test_momentum_encoder_is_an_ema_of_lora_over_the_shared_backbone(tiny_model_
         assert not torch.allclose(model.vision_m(pixels), model.vision(pixels))
 
 
+def _memory_model(cfg, tokenizer, **memory):
+    torch.manual_seed(0)
+    memory_cfg = dataclasses.replace(cfg.memory, enabled=True, slots=8, dim=16, episode_size=4, **memory)
+    return VisionLanguageModel(dataclasses.replace(cfg, memory=memory_cfg), tokenizer)
+
+
+def test_memory_trains_through_the_step_and_captions_read_a_written_memory(tiny_model_config, tiny_tokenizer):
+    model = _memory_model(tiny_model_config, tiny_tokenizer).train()
+    out = model(**tiny_batch(tiny_tokenizer, 6))  # 6 pairs: episodes of 4 and of 2 (+2 empty)
+    assert torch.isfinite(out["loss_memory_lm"]) and torch.isfinite(out["loss_memory_kl"])
+    w = model.cfg
+    expected = (w.loss.itc_weight * out["loss_itc"] + w.loss.itm_weight * out["loss_itm"]
+                + w.loss.lm_weight * (out["loss_lm"] + out["loss_memory_lm"]) + w.memory.kl_weight * out["loss_memory_kl"])
+    assert torch.allclose(out["loss"], expected)
+    out["loss"].backward()
+    for name, p in model.memory.named_parameters():
+        assert p.grad is not None and p.grad.abs().sum() > 0, name
+    assert model.parameter_budget()["memory"] == sum(p.numel() for p in model.memory.parameters())
+
+    model.eval()
+    batch = tiny_batch(tiny_tokenizer, 3, seed=2)
+    state = model.write_memory(batch["pixel_values"], ["a red circle above a yellow square"] * 3)
+    assert state.memory.shape == (1, 8, 16)
+    with_memory = model.generate(batch["pixel_values"], max_new_tokens=4, memory=state)
+    assert len(with_memory) == 3 and all(isinstance(c, str) for c in with_memory)
+    # Writing then forgetting a pair one at a time gives the memory back.
+    more = tiny_batch(tiny_tokenizer, 1, seed=3)
+    added = model.write_memory(more["pixel_values"], ["a blue square"], state=state)
+    restored = model.write_memory(more["pixel_values"], ["a blue square"], state=added, forget=True)
+    assert not torch.allclose(added.memory, state.memory)
+    torch.testing.assert_close(restored.memory, state.memory, rtol=1e-3, atol=1e-3)
+    plain = _model(tiny_model_config, tiny_tokenizer).eval()
+    with pytest.raises(ValueError, match="has no memory"):
+        plain.generate(batch["pixel_values"], memory=state)
+
+
 def test_generate_greedy_and_beam(tiny_model_config, tiny_tokenizer):
     model = _model(tiny_model_config, tiny_tokenizer).eval()
     pixels = tiny_batch(tiny_tokenizer, 3)["pixel_values"]

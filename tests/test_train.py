@@ -164,11 +164,12 @@ def test_exact_resume_chain_add_group(tmp_path, data_root):
 
 def test_exact_resume_recreate_two_ranks(tmp_path, data_root):
     """Two ranks, lora_unfreeze_optimizer=recreate, a loader worker per rank, 2 micro-batches per step, the
-    momentum encoder and ITM negatives from the queue; interrupted inside phase 2: per-rank RNG and loader states,
-    the recreated optimizer's state, the momentum LoRA and the queue."""
+    momentum encoder, ITM negatives from the queue and the episodic memory; interrupted inside phase 2: per-rank
+    RNG and loader states, the recreated optimizer's state, the momentum LoRA, the queue, the memory's terms."""
     common = ("--train.epochs", "3", "--train.lora_unfreeze_optimizer", "recreate", "--data.num_workers", "1",
               "--train.grad_accum_steps", "2", "--model.loss.momentum_encoder", "true",
-              "--model.loss.itm_negatives", "queue")
+              "--model.loss.itm_negatives", "queue", "--model.memory.enabled", "true", "--model.memory.slots", "4",
+              "--model.memory.dim", "8", "--model.memory.episode_size", "2")
     reference = tmp_path / "reference"  # 2 steps per epoch; phase 2 from step 3
     run(run_args(reference, data_root, 32, *common), nproc=2)
     resumed = tmp_path / "resumed"
@@ -181,6 +182,7 @@ def test_exact_resume_recreate_two_ranks(tmp_path, data_root):
     run(run_args(resumed, data_root, 32, *common, "--train.resume", "latest"), nproc=2)
     assert losses(read_steps(resumed)) == losses(read_steps(reference))
     assert len(read_steps(reference)) == 6 and read_steps(reference)[3]["phase"] == 2
+    assert all(r["loss_memory_lm"] > 0 for r in read_steps(reference).values())
 
 
 def test_phase_lines_stay_true_across_resumes_on_two_ranks(tmp_path, data_root):

@@ -130,6 +130,9 @@ class MemoryConfig:
     kl_weight: float = 0.1
     # Ben-Israel-Cohen iterations per pseudo-inverse.
     pinv_steps: int = 15
+    # In training, the share of an episode's pairs written with another image's caption: captions the pixels
+    # cannot give, which the captioner can only recall from memory.
+    swap_fraction: float = 0.5
 
     def validate(self, prefix: str) -> None:
         _check(self.slots > 0, prefix, "slots", "must be > 0")
@@ -138,6 +141,7 @@ class MemoryConfig:
         _check(self.noise > 0, prefix, "noise", "must be > 0")
         _check(self.kl_weight >= 0, prefix, "kl_weight", "must be >= 0")
         _check(self.pinv_steps > 0, prefix, "pinv_steps", "must be > 0")
+        _check(0.0 <= self.swap_fraction <= 1.0, prefix, "swap_fraction", "must be in [0, 1]")
 
 
 @dataclass

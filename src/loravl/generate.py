@@ -26,6 +26,8 @@ from loravl.data.formats import IMAGE_EXTENSIONS
 from loravl.data.images import build_transform, load_rgb_image, to_rgb
 from loravl.data.skips import Skip, readable_detail
 
+from loravl.memory import MemoryState
+
 if TYPE_CHECKING:
     from loravl.model import VisionLanguageModel
 
@@ -228,6 +230,53 @@ def caption(model: "VisionLanguageModel", images: Union[ImageInput, Sequence[Ima
     return [r.caption or "" for r in results]
 
 
+# -- episodic memory ----------------------------------------------------------------------------------------------
+
+
+def read_memory_pairs(path: Union[str, os.PathLike]) -> list[tuple[str, str]]:
+    """A JSONL file of ``{"image": path, "caption": text}`` lines (image paths relative to the file's folder)."""
+    path = Path(path)
+    pairs = []
+    try:
+        lines = path.read_text(encoding="utf-8").splitlines()
+    except OSError as e:
+        raise ValueError(f"{path}: cannot read the memory pairs ({e.strerror or e})") from e
+    for number, line in enumerate(lines, start=1):
+        if not line.strip():
+            continue
+        try:
+            row = json.loads(line)
+            image, text = row["image"], row["caption"]
+        except (json.JSONDecodeError, KeyError, TypeError) as e:
+            raise ValueError(f"{path}, line {number}: expected {{\"image\": path, \"caption\": text}}") from e
+        pairs.append((os.fspath(path.parent / image), str(text)))
+    if not pairs:
+        raise ValueError(f"{path}: no image-caption pairs")
+    return pairs
+
+
+def write_memory_pairs(model: "VisionLanguageModel", pairs: Sequence[tuple[ImageInput, str]],
+                       state: Optional[MemoryState] = None, forget: bool = False,
+                       data_cfg: Optional[DataConfig] = None) -> MemoryState:
+    """``model.write_memory`` for image files (or PIL images) and captions; an image that cannot be read is an
+    error naming it, since a pair silently left out would not be recalled."""
+    data_cfg = data_cfg or DataConfig()
+    prepare = ImagePreparer(model.cfg.vision.image_size, data_cfg.max_image_pixels, data_cfg.min_image_size)
+    prepared = [prepare(image) for image, _ in pairs]
+    failed = [f"{_source_name(image, i)}: {describe_skip(p, _source_name(image, i))}"
+              for i, ((image, _), p) in enumerate(zip(pairs, prepared)) if isinstance(p, Skip)]
+    if failed:
+        raise ImageReadError("cannot read " + "; ".join(failed))
+    was_training = model.training
+    model.eval()
+    try:
+        pixel_values = torch.stack(prepared).to(model_device(model))
+        with bf16_autocast(pixel_values.device):
+            return model.write_memory(pixel_values, [text for _, text in pairs], state=state, forget=forget)
+    finally:
+        model.train(was_training)
+
+
 # -- command line -------------------------------------------------------------------------------------------------
 
 
@@ -252,6 +301,11 @@ def build_arg_parser() -> argparse.ArgumentParser:
     parser.add_argument("--compile", action="store_true",
                         help="on a GPU: compiled encoder, static KV cache and a compiled decoding step (CUDA "
                              "graphs); the first batch compiles, later ones run faster (BENCHMARKS.md)")
+    parser.add_argument("--memory", default=None,
+                        help="write image-caption pairs into the model's episodic memory first: a JSONL file of "
+                             "{\"image\": path, \"caption\": text} lines, or a memory saved with --save_memory")
+    parser.add_argument("--forget", default=None, help="pairs (JSONL, as --memory) to remove from that memory")
+    parser.add_argument("--save_memory", default=None, help="save the memory (safetensors) for a later --memory")
     parser.add_argument("--output", default=None, help="also write JSONL lines {image, caption}")
     parser.add_argument("--device", default=None, help="cpu, cuda, cuda:1 (default: cuda when available)")
     parser.add_argument("--num_workers", type=int, default=None, help="image decoding threads")
@@ -296,6 +350,14 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         return 2
     if args.seed is not None:
         torch.manual_seed(args.seed)
+    memory = None
+    if args.memory or args.forget:
+        try:
+            memory = prepare_memory(model, args, run_cfg.data, device)
+        except (ValueError, OSError) as e:
+            print(f"error: {e}", file=sys.stderr)
+            return 2
+        gen_kwargs["memory"] = memory
 
     results: list[CaptionResult] = list(input_errors)
     for result in caption_images(model, paths, batch_size=args.batch_size, max_new_tokens=args.max_new_tokens,
@@ -311,6 +373,22 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     print(f"captioned {total - failed} of {total} inputs" + (f", {failed} failed" if failed else ""),
           file=sys.stderr)
     return 1 if failed else 0
+
+
+def prepare_memory(model: "VisionLanguageModel", args: argparse.Namespace, data_cfg: DataConfig,
+                   device: torch.device) -> MemoryState:
+    """--memory (pairs written at once, or a saved memory), then --forget (pairs removed one by one)."""
+    if not args.memory:
+        raise ValueError("--forget removes pairs from a memory: give the memory with --memory")
+    if args.memory.endswith(".safetensors"):
+        state = MemoryState.load(args.memory, device)
+    else:
+        state = write_memory_pairs(model, read_memory_pairs(args.memory), data_cfg=data_cfg)
+    if args.forget:
+        state = write_memory_pairs(model, read_memory_pairs(args.forget), state=state, forget=True, data_cfg=data_cfg)
+    if args.save_memory:
+        state.save(args.save_memory)
+    return state
 
 
 def _write_rows(path: Optional[str], results: Sequence[CaptionResult]) -> None:

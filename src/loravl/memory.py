@@ -87,8 +87,10 @@ class EpisodicMemory(nn.Module):
         eye = torch.eye(self.cfg.slots, device=prior.device, dtype=prior.dtype)
         return MemoryState(prior.expand(episodes, -1, -1).clone(), eye.expand(episodes, -1, -1).clone())
 
-    def write(self, latents: torch.Tensor) -> MemoryState:
-        """One memory per episode from its latents [E, N, C], any N (N > K: the least-squares fit)."""
+    def write(self, latents: torch.Tensor, covariance: bool = True) -> MemoryState:
+        """One memory per episode from its latents [E, N, C], any N (N > K: the least-squares fit).
+        ``covariance``: also the slots' covariance, which only sequential writes and forgets read (training
+        skips its K x K inverse)."""
         with torch.autocast(latents.device.type, enabled=False):
             z = self._compute(latents)
             if self.training:
@@ -98,8 +100,9 @@ class EpisodicMemory(nn.Module):
             # The slots' posterior covariance after observing z at w (prior variance 1): what later sequential
             # writes and forgets weigh themselves against.
             eye = torch.eye(self.cfg.slots, device=z.device, dtype=z.dtype)
-            covariance = torch.linalg.inv(eye + w.transpose(-2, -1) @ w / self.cfg.noise ** 2)
-        return MemoryState(memory, covariance)
+            slots_covariance = torch.linalg.inv(eye + w.transpose(-2, -1) @ w / self.cfg.noise ** 2) \
+                if covariance else eye.expand(z.shape[0], -1, -1)
+        return MemoryState(memory, slots_covariance)
 
     def read(self, queries: torch.Tensor, state: MemoryState) -> dict[str, torch.Tensor]:
         """Read with queries [E, Q, C]: ``latents`` [E, Q, C], ``weights`` [E, Q, K] and ``kl`` (a scalar, the
@@ -115,13 +118,66 @@ class EpisodicMemory(nn.Module):
         return {"latents": latents.to(queries.dtype), "weights": weights, "kl": kl}
 
     def update(self, state: MemoryState, latent: torch.Tensor, sign: float = 1.0) -> MemoryState:
-        """Write (``sign`` +1) or forget (-1) one latent [E, C] per episode."""
+        """Write (``sign`` +1) or forget (-1) one latent [E, C] per episode. In float64: a forget's denominator
+        is a difference of nearly equal numbers (about noise^4), which fp32 would round away."""
+        dtype = state.memory.dtype
         with torch.autocast(latent.device.type, enabled=False):
-            z = self._compute(latent)[:, None, :]  # [E, 1, C]
-            w = self.addresses(z)  # [E, 1, K]
-            memory, covariance = self._compute(state.memory), self._compute(state.covariance)
+            z = latent.double()[:, None, :]  # [E, 1, C]
+            w = z @ pseudo_inverse(self.prior_memory.double(), self.cfg.pinv_steps)  # [E, 1, K]
+            memory, covariance = state.memory.double(), state.covariance.double()
             wu = w @ covariance  # [E, 1, K]
             gain = wu / (wu @ w.transpose(-2, -1) + sign * self.cfg.noise ** 2)  # c: [E, 1, K]
             memory = memory + gain.transpose(-2, -1) @ (z - w @ memory)
             covariance = covariance - gain.transpose(-2, -1) @ wu
-        return MemoryState(memory, covariance)
+        return MemoryState(memory.to(dtype), covariance.to(dtype))
+
+
+class CaptionMemory(nn.Module):
+    """The memory as the captioner uses it. A pair (image, caption) is written as one latent of its pooled image
+    tokens and its caption's <eos> state; an image reads with a latent of its pooled tokens alone; the read latent
+    reaches the captioner as one more cross-attention token beside the image tokens."""
+
+    def __init__(self, cfg: MemoryConfig, image_dim: int, text_dim: int):
+        super().__init__()
+        self.cfg = cfg
+        self.gpm = EpisodicMemory(cfg)
+        self.pair = nn.Linear(image_dim + text_dim, cfg.dim)
+        self.query = nn.Linear(image_dim, cfg.dim)
+        self.to_text = nn.Linear(cfg.dim, text_dim)
+
+    def pair_latents(self, image_pooled: torch.Tensor, caption_states: torch.Tensor) -> torch.Tensor:
+        return self.pair(torch.cat([image_pooled, caption_states], dim=-1))
+
+    def _episodes(self, x: torch.Tensor) -> torch.Tensor:
+        """[B, C] -> [E, N, C], zero-padded: a zero latent adds nothing a least-squares write has to fit."""
+        n = self.cfg.episode_size
+        episodes = -(-x.shape[0] // n)
+        return nn.functional.pad(x, (0, 0, 0, episodes * n - x.shape[0])).view(episodes, n, x.shape[-1])
+
+    def episode_tokens(self, image_pooled: torch.Tensor,
+                       caption_states: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Training: the batch as episodes of ``episode_size`` pairs, each written, then read by its images.
+        The captioner's memory tokens [B, 1, text_dim] and the read's KL."""
+        batch = image_pooled.shape[0]
+        state = self.gpm.write(self._episodes(self.pair_latents(image_pooled, caption_states)), covariance=False)
+        read = self.gpm.read(self._episodes(self.query(image_pooled)), state)
+        latents = read["latents"].reshape(-1, read["latents"].shape[-1])[:batch]
+        return self.to_text(latents)[:, None, :], read["kl"]
+
+    def write(self, image_pooled: torch.Tensor, caption_states: torch.Tensor,
+              state: MemoryState | None = None, sign: float = 1.0) -> MemoryState:
+        """Inference: the pairs as one episode. A fresh memory written at once, or, given ``state``, each pair
+        written (``sign`` +1) or forgotten (-1) in turn."""
+        latents = self.pair_latents(image_pooled, caption_states)
+        if state is None:
+            return self.gpm.write(latents[None])
+        for latent in latents:
+            state = self.gpm.update(state, latent[None], sign)
+        return state
+
+    def tokens(self, image_pooled: torch.Tensor, state: MemoryState) -> torch.Tensor:
+        """Inference: each image reads the one written episode; [B, 1, text_dim]."""
+        if state.memory.shape[0] != 1:
+            raise ValueError(f"captioning reads one memory; this state holds {state.memory.shape[0]}")
+        read = self.gpm.read(self.query(image_pooled)[None], state)
+        return self.to_text(read["latents"][0])[:, None, :]

@@ -23,6 +23,12 @@ from .runtime import DistributedEnv
 logger = logging.getLogger("loravl.train")
 
 LOSS_NAMES = ("loss_itc", "loss_itm", "loss_lm", "loss")
+MEMORY_LOSS_NAMES = ("loss_memory_lm", "loss_memory_kl")
+
+
+def loss_names(memory: bool) -> tuple[str, ...]:
+    """The losses a model's forward returns and the logs carry (model.memory.enabled adds the memory's)."""
+    return (*LOSS_NAMES[:-1], *MEMORY_LOSS_NAMES, "loss") if memory else LOSS_NAMES
 
 
 def setup_logging(log_dir: Path, rank: int) -> None:
@@ -59,16 +65,16 @@ class MetricsLogger:
     ranks.
     """
 
-    NAMES = (*LOSS_NAMES, "grad_norm", "bad")
-    SCALARS = (*LOSS_NAMES, "grad_norm")
     READ_BACK_LAG = 2  # steps between a read-back's start and its writing
     # A hint, once a run, when this many log lines in a row waited this share of their interval or more for data:
     # an epoch's start waits for a line or two, a loader-bound run every line (BENCHMARKS.md, loader rows).
     LOADER_BOUND_LINES, LOADER_BOUND_WAIT = 3, 0.2
 
     def __init__(self, logging_cfg: LoggingConfig, max_bad_steps: int, env: DistributedEnv, total_steps: int,
-                 start_step: int, hint_when_loader_bound: bool = False):
+                 start_step: int, hint_when_loader_bound: bool = False, losses: tuple[str, ...] = LOSS_NAMES):
         self.env, self.total_steps = env, total_steps
+        self.loss_names = losses
+        self.NAMES, self.SCALARS = (*losses, "grad_norm", "bad"), (*losses, "grad_norm")
         self.log_every, self.max_bad_steps = logging_cfg.every, max_bad_steps
         log_dir = Path(logging_cfg.dir)
         self.pending: list[tuple[int, int, int, dict[str, Any], list[float]]] = []
@@ -170,7 +176,7 @@ class MetricsLogger:
 
     def _write(self, step: int, epoch: int, phase: int, record: dict[str, float], lrs: list[float],
                skipped: bool, skip_counts: Counter) -> None:
-        line = {"step": step, "epoch": epoch, "phase": phase, **{k: record[k] for k in (*LOSS_NAMES, "grad_norm")},
+        line = {"step": step, "epoch": epoch, "phase": phase, **{k: record[k] for k in (*self.loss_names, "grad_norm")},
                 "lr": lrs, "skipped_step": skipped, "skipped_samples": sum(skip_counts.values())}
         self.jsonl.write(json.dumps(line) + "\n")
 
@@ -190,7 +196,7 @@ class MetricsLogger:
         data_wait = min(1.0, data_wait_s / elapsed) if elapsed > 0 else 0.0
         eta = (self.total_steps - step) * elapsed / max(steps, 1)
         self.images = 0
-        losses = " ".join(f"{n} {v:.4f}" for n, v in zip(LOSS_NAMES, row))
+        losses = " ".join(f"{n} {v:.4f}" for n, v in zip(self.loss_names, row))
         memory = ""
         if self.env.device.type == "cuda":
             memory = f" | mem {torch.cuda.max_memory_allocated(self.env.device) / 2**30:.1f}GiB"

@@ -25,6 +25,7 @@ from .config import ModelConfig
 from .fusion import FusionEncoder
 from .losses import (CaptionHash, FeatureQueue, hard_negative_weights, itc_loss, lm_loss, same_caption,
                      sample_hard_negatives)
+from .memory import CaptionMemory, MemoryState
 from .pooling import ImagePool
 from .text import CaptionTokenizer, build_text_model, encode_text, gather_eos
 from .vision import LoraOf, VisionEncoder, momentum_encoder, num_image_tokens, set_activation_checkpointing
@@ -46,6 +47,8 @@ class VisionLanguageModel(nn.Module):
         self.vision_proj = nn.Linear(image_dim, embed_dim)
         self.text_proj = nn.Linear(text_dim, embed_dim)
         self.itm_head = nn.Linear(text_dim, 2)
+        # Larimar's episodic memory for the captioner (loravl.memory), with model.memory.enabled.
+        self.memory = CaptionMemory(cfg.memory, image_dim, text_dim) if cfg.memory.enabled else None
         self.temperature = nn.Parameter(torch.tensor(cfg.loss.temperature))
         # The distillation weight of this step: the trainer ramps it (loravl.losses.distill_alpha_at). A buffer, so
         # a compiled forward reads the new value without recompiling; not saved (the trainer sets it every step).
@@ -161,8 +164,10 @@ class VisionLanguageModel(nn.Module):
     def encode_image(self, pixel_values: torch.Tensor) -> dict[str, torch.Tensor]:
         encoder_tokens = self.vision(pixel_values)
         image_tokens = self.compressor(encoder_tokens)
-        image_feat = F.normalize(self.vision_proj(self.image_pool(image_tokens)), dim=-1)
-        return {"encoder_tokens": encoder_tokens, "image_tokens": image_tokens, "image_feat": image_feat}
+        image_pooled = self.image_pool(image_tokens)
+        image_feat = F.normalize(self.vision_proj(image_pooled), dim=-1)
+        return {"encoder_tokens": encoder_tokens, "image_tokens": image_tokens, "image_pooled": image_pooled,
+                "image_feat": image_feat}
 
     def encode_text(self, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> dict[str, torch.Tensor]:
         text_states = encode_text(self.text.transformer, input_ids, attention_mask)
@@ -174,20 +179,45 @@ class VisionLanguageModel(nn.Module):
         fused = self.fusion(image_tokens, text_states, attention_mask)["text_states"]
         return self.itm_head(gather_eos(fused, attention_mask))
 
-    def caption_logits(self, image_tokens: torch.Tensor, input_ids: torch.Tensor,
-                       attention_mask: torch.Tensor) -> torch.Tensor:
+    def caption_context(self, image_tokens: torch.Tensor, memory_tokens: Optional[torch.Tensor] = None
+                        ) -> torch.Tensor:
+        """What the captioner cross-attends to: the image tokens, then the memory's read token where given."""
+        context = self.image_to_text(image_tokens)
+        return context if memory_tokens is None else torch.cat([context, memory_tokens.to(context.dtype)], dim=1)
+
+    def caption_logits(self, image_tokens: torch.Tensor, input_ids: torch.Tensor, attention_mask: torch.Tensor,
+                       memory_tokens: Optional[torch.Tensor] = None) -> torch.Tensor:
         return self.text(input_ids=input_ids, attention_mask=attention_mask,
-                         encoder_hidden_states=self.image_to_text(image_tokens)).logits
+                         encoder_hidden_states=self.caption_context(image_tokens, memory_tokens)).logits
+
+    # -- episodic memory at inference -----------------------------------------------------------------------------
+
+    @torch.no_grad()
+    def write_memory(self, pixel_values: torch.Tensor, captions: list[str], state: Optional[MemoryState] = None,
+                     forget: bool = False) -> MemoryState:
+        """Write image-caption pairs into a memory, with no gradient step: a fresh memory of these pairs, or,
+        given ``state``, each pair written into it in turn (``forget``: removed from it)."""
+        if self.memory is None:
+            raise ValueError("this model has no memory (model.memory.enabled was false when it was trained)")
+        if len(captions) != pixel_values.shape[0]:
+            raise ValueError(f"{pixel_values.shape[0]} images but {len(captions)} captions")
+        tokens = self.tokenizer(captions)
+        ids = tokens["input_ids"].to(pixel_values.device)
+        mask = tokens["attention_mask"].to(pixel_values.device)
+        pooled = self.encode_image(pixel_values)["image_pooled"]
+        caption_states = gather_eos(encode_text(self.text.transformer, ids, mask), mask)
+        return self.memory.write(pooled.float(), caption_states.float(), state, sign=-1.0 if forget else 1.0)
 
     @torch.no_grad()
     def generate(self, pixel_values: torch.Tensor, max_new_tokens: int = 30, compile: bool = False,
-                 **generate_kwargs) -> list[str]:
+                 memory: Optional[MemoryState] = None, **generate_kwargs) -> list[str]:
         """Captions through transformers' ``generate()`` (greedy, beam search or sampling by its arguments).
 
         ``compile``: decode with a static KV cache, which transformers' ``generate()`` compiles on a GPU (CUDA
         graphs, ``CompileConfig``'s default mode): decoding a small model is bound by kernel launches, not by the
         GPU. On a GPU the encoder and compressor are compiled too (once, in place). The first call per batch
-        size compiles. Greedy and sampling only; beam search reorders the cache.
+        size compiles. Greedy and sampling only; beam search reorders the cache. ``memory``: a written memory
+        (``write_memory``) each image reads from, as in training.
         """
         if compile and pixel_values.device.type == "cuda" and not self._image_path_compiled:
             # With the decoding step compiled, the eager encoder is most of a call's GPU time (bench/results/
@@ -195,14 +225,19 @@ class VisionLanguageModel(nn.Module):
             self.vision.model.compile()
             self.compressor.compile()
             self._image_path_compiled = True
-        image_tokens = self.encode_image(pixel_values)["image_tokens"]
+        image = self.encode_image(pixel_values)
+        memory_tokens = None
+        if memory is not None:
+            if self.memory is None:
+                raise ValueError("this model has no memory (model.memory.enabled was false when it was trained)")
+            memory_tokens = self.memory.tokens(image["image_pooled"], memory)
+        context = self.caption_context(image["image_tokens"], memory_tokens)
         bos = torch.full((pixel_values.shape[0], 1), self.tokenizer.bos_id, dtype=torch.long,
                          device=pixel_values.device)
         max_new_tokens = min(max_new_tokens, self.cfg.text.max_length - 1)
         if compile and generate_kwargs.get("num_beams", 1) == 1:
-            generate_kwargs.update(self._static_decoding(bos.shape[0], 1 + max_new_tokens, image_tokens.shape[1]))
-        ids = self.text.generate(input_ids=bos, attention_mask=torch.ones_like(bos),
-                                 encoder_hidden_states=self.image_to_text(image_tokens),
+            generate_kwargs.update(self._static_decoding(bos.shape[0], 1 + max_new_tokens, context.shape[1]))
+        ids = self.text.generate(input_ids=bos, attention_mask=torch.ones_like(bos), encoder_hidden_states=context,
                                  max_new_tokens=max_new_tokens, eos_token_id=self.tokenizer.eos_id,
                                  pad_token_id=self.tokenizer.pad_id, **generate_kwargs)
         return self.tokenizer.decode(ids)
@@ -292,6 +327,8 @@ class VisionLanguageModel(nn.Module):
 
         logits = self.caption_logits(image["image_tokens"], input_ids, attention_mask)
         loss_lm = lm_loss(logits, input_ids, attention_mask, w.label_smoothing)
+        memory_losses = self._memory_losses(image, text, input_ids, attention_mask) if self.memory is not None \
+            else {}
 
         if self.training:
             extra = {}
@@ -304,8 +341,27 @@ class VisionLanguageModel(nn.Module):
             self.queue.enqueue(image_feat_m_global, text_feat_m_global, image_ids_global, caption_ids_global, **extra)
 
         loss = w.itc_weight * loss_itc + w.itm_weight * itm["loss_itm"] + w.lm_weight * loss_lm
+        if memory_losses:
+            loss = loss + w.lm_weight * memory_losses["loss_memory_lm"] + \
+                self.cfg.memory.kl_weight * memory_losses["loss_memory_kl"]
         return {"loss": loss, "loss_itc": loss_itc, "loss_itm": itm["loss_itm"], "loss_lm": loss_lm,
-                "itm_accuracy": itm["itm_accuracy"], "temperature": temperature.detach()}
+                **memory_losses, "itm_accuracy": itm["itm_accuracy"], "temperature": temperature.detach()}
+
+    def _memory_losses(self, image: dict, text: dict, input_ids: torch.Tensor,
+                       attention_mask: torch.Tensor) -> dict[str, torch.Tensor]:
+        """Larimar's terms: the caption decoded through memory (the batch written as episodes, each image reading
+        its own), and the read weights' KL. In training a share of the pairs is written with the next image's
+        caption, which only the memory can give; the plain LM loss is the decode-without-memory term."""
+        batch = input_ids.shape[0]
+        captions = torch.arange(batch, device=input_ids.device)
+        if self.training and self.cfg.memory.swap_fraction > 0:
+            swapped = torch.rand(batch, device=input_ids.device) < self.cfg.memory.swap_fraction
+            captions = torch.where(swapped, (captions + 1) % batch, captions)
+        ids, mask = input_ids[captions], attention_mask[captions]
+        caption_states = gather_eos(text["text_states"], attention_mask)[captions]
+        memory_tokens, kl = self.memory.episode_tokens(image["image_pooled"], caption_states)
+        logits = self.caption_logits(image["image_tokens"], ids, mask, memory_tokens)
+        return {"loss_memory_lm": lm_loss(logits, ids, mask, self.cfg.loss.label_smoothing), "loss_memory_kl": kl}
 
     def _itm_loss(self, image_tokens: torch.Tensor, text_states: torch.Tensor, mask: torch.Tensor,
                   pair_is_valid: torch.Tensor) -> dict[str, torch.Tensor]:
@@ -383,8 +439,9 @@ class VisionLanguageModel(nn.Module):
         parts = {"vision_base": sum(p.numel() for n, p in self.vision.named_parameters() if "lora_" not in n),
                  "vision_lora": sum(p.numel() for _, p in self.vision.lora_parameters())}
         for name in ("compressor", "text", "image_to_text", "fusion", "image_pool", "vision_proj", "text_proj",
-                     "itm_head"):
-            parts[name] = sum(p.numel() for p in getattr(self, name).parameters())
+                     "itm_head", "memory"):
+            module = getattr(self, name)
+            parts[name] = 0 if module is None else sum(p.numel() for p in module.parameters())
         parts["momentum_copies"] = sum(p.numel() for _, m in self._momentum_pairs() for p in m.parameters())
         return parts
 

@@ -33,7 +33,7 @@ from .device import Precision, choose_precision
 from .integrity import saved_world_size
 from .loading import caption_tokenizer, export_model
 from .losses import distill_alpha_at
-from .metrics import LOSS_NAMES, MetricsLogger, format_skips, global_skips, setup_logging
+from .metrics import MetricsLogger, format_skips, global_skips, loss_names, setup_logging
 from .model import VisionLanguageModel
 from .optim import (apply_learning_rates, build_optimizer, build_scheduler, count_steps_per_epoch, count_total_steps,
                     distill_ramp_steps, lora_param_group)
@@ -123,7 +123,8 @@ def _train(cfg: RunConfig, env: DistributedEnv) -> VisionLanguageModel:
     # The loader-bound hint only where a GPU steps: on the CPU the workers and the step share the cores, and more
     # workers take them from the step (configs/demo.yaml).
     metrics = MetricsLogger(tc.logging, tc.max_bad_steps, env, total_steps, start_step=state.step,
-                            hint_when_loader_bound=env.device.type == "cuda")
+                            hint_when_loader_bound=env.device.type == "cuda",
+                            losses=loss_names(cfg.model.memory.enabled))
     profiler = StepProfiler(tc.profile, env)
     stop = StopSignal(env)
     last_saved_step = state.step if resume_from is not None else -1
@@ -279,7 +280,9 @@ def train_step(ddp_model: nn.Module, micro_batches: list[dict[str, Any]],
     untouched when ``found_inf`` is set (the GradScaler sets it itself in fp16). The norm is taken after the
     all-reduce, so every rank makes the same decision.
     """
-    losses = {name: torch.zeros((), device=env.device) for name in LOSS_NAMES}
+    model = ddp_model.module if isinstance(ddp_model, DDP) else ddp_model
+    names = loss_names(model.cfg.memory.enabled)
+    losses = {name: torch.zeros((), device=env.device) for name in names}
     params = [p for group in optimizer.param_groups for p in group["params"]]
     # With CUDA graphs, gradients accumulated over micro-batches need buffers of their own (allocate_grads).
     # A single micro-batch's gradients can stay the backward graph's outputs: the optimizer reads them before the
@@ -289,7 +292,6 @@ def train_step(ddp_model: nn.Module, micro_batches: list[dict[str, Any]],
     if keep_grad_buffers:
         allocate_grads(params)
     images = 0
-    model = ddp_model.module if isinstance(ddp_model, DDP) else ddp_model
     if not model.momentum_in_forward:  # once per optimizer step, before the forward reads the momentum copies
         model.momentum_update()
     for i, batch in enumerate(micro_batches):
@@ -307,7 +309,7 @@ def train_step(ddp_model: nn.Module, micro_batches: list[dict[str, Any]],
                     precision.scaler.scale(loss).backward()
                 else:
                     loss.backward()
-        for name in LOSS_NAMES:
+        for name in names:
             losses[name] += out[name].detach().float() / len(micro_batches)
         images += inputs["pixel_values"].shape[0]
     with record_function("loravl: optimizer"):
