@@ -94,3 +94,17 @@ def test_memory_state_saves_and_loads(tmp_path):
 def test_memory_config_names_a_wrong_field():
     with pytest.raises(ConfigError, match="slots"):
         MemoryConfig(slots=0).validate("model.memory")
+
+
+def test_a_key_reads_back_the_value_written_with_it():
+    """Addressed by keys (the first half), a written key alone reads back its own latent, value included, up to
+    min(K, key_dim) pairs an episode."""
+    memory = EpisodicMemory(MemoryConfig(slots=32, dim=128), key_dim=64).eval()
+    latents = torch.randn(3, 32, 128, generator=torch.Generator().manual_seed(5))
+    read = memory.read(latents[..., :64], memory.write(latents))["latents"]
+    torch.testing.assert_close(read, latents, rtol=1e-3, atol=1e-3)
+    # Autoassociative addressing (every number) cannot recover a value from its key alone.
+    plain = EpisodicMemory(MemoryConfig(slots=32, dim=128)).eval()
+    keys_only = torch.cat([latents[..., :64], torch.zeros_like(latents[..., 64:])], dim=-1)
+    missed = plain.read(keys_only, plain.write(latents))["latents"][..., 64:]
+    assert (missed - latents[..., 64:]).norm() > 0.3 * latents[..., 64:].norm()

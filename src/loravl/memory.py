@@ -21,7 +21,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Union
+from typing import Optional, Union
 
 import torch
 from torch import nn
@@ -67,9 +67,14 @@ class MemoryState:
 
 
 class EpisodicMemory(nn.Module):
-    def __init__(self, cfg: MemoryConfig):
+    """``key_dim``: address with the first ``key_dim`` numbers of each latent only (default: all of them). Written
+    latents [key, value] are then read back from their key alone: reading with a written key returns that latent's
+    value exactly while N <= min(K, key_dim) and the keys are independent."""
+
+    def __init__(self, cfg: MemoryConfig, key_dim: Optional[int] = None):
         super().__init__()
         self.cfg = cfg
+        self.key_dim = key_dim or cfg.dim
         self.prior_memory = nn.Parameter(torch.eye(cfg.slots, cfg.dim))  # M0, identity-like (Larimar)
         self.read_logvar = nn.Parameter(torch.zeros(()))  # one learned variance of the read weights
 
@@ -77,9 +82,9 @@ class EpisodicMemory(nn.Module):
         return t.to(torch.promote_types(t.dtype, torch.float32))
 
     def addresses(self, latents: torch.Tensor) -> torch.Tensor:
-        """Where latents [E, N, C] go in the prior memory: [E, N, K]."""
-        prior = self._compute(self.prior_memory)
-        return self._compute(latents) @ pseudo_inverse(prior, self.cfg.pinv_steps)
+        """Where latents [E, N, C] (or their keys) go in the prior memory: [E, N, K]."""
+        prior = self._compute(self.prior_memory)[:, :self.key_dim]
+        return self._compute(latents)[..., :self.key_dim] @ pseudo_inverse(prior, self.cfg.pinv_steps)
 
     def empty(self, episodes: int) -> MemoryState:
         """The prior as E memories, nothing written (what sequential writes start from)."""
@@ -105,11 +110,12 @@ class EpisodicMemory(nn.Module):
         return MemoryState(memory, slots_covariance)
 
     def read(self, queries: torch.Tensor, state: MemoryState) -> dict[str, torch.Tensor]:
-        """Read with queries [E, Q, C]: ``latents`` [E, Q, C], ``weights`` [E, Q, K] and ``kl`` (a scalar, the
-        mean over queries of KL(N(w, var) || N(0, I)) summed over slots)."""
+        """Read with queries [E, Q, C] (or [E, Q, key_dim]): ``latents`` [E, Q, C], ``weights`` [E, Q, K] and
+        ``kl`` (a scalar, the mean over queries of KL(N(w, var) || N(0, I)) summed over slots)."""
         with torch.autocast(queries.device.type, enabled=False):
             memory = self._compute(state.memory)
-            weights = self._compute(queries) @ pseudo_inverse(memory, self.cfg.pinv_steps)
+            keys = memory[..., :self.key_dim]
+            weights = self._compute(queries)[..., :self.key_dim] @ pseudo_inverse(keys, self.cfg.pinv_steps)
             logvar = self.read_logvar.float()
             kl = 0.5 * (logvar.exp() + weights.pow(2) - 1 - logvar).sum(dim=-1).mean()
             if self.training:
@@ -123,7 +129,8 @@ class EpisodicMemory(nn.Module):
         dtype = state.memory.dtype
         with torch.autocast(latent.device.type, enabled=False):
             z = latent.double()[:, None, :]  # [E, 1, C]
-            w = z @ pseudo_inverse(self.prior_memory.double(), self.cfg.pinv_steps)  # [E, 1, K]
+            prior = self.prior_memory.double()[:, :self.key_dim]
+            w = z[..., :self.key_dim] @ pseudo_inverse(prior, self.cfg.pinv_steps)  # [E, 1, K]
             memory, covariance = state.memory.double(), state.covariance.double()
             wu = w @ covariance  # [E, 1, K]
             gain = wu / (wu @ w.transpose(-2, -1) + sign * self.cfg.noise ** 2)  # c: [E, 1, K]
@@ -133,20 +140,26 @@ class EpisodicMemory(nn.Module):
 
 
 class CaptionMemory(nn.Module):
-    """The memory as the captioner uses it. A pair (image, caption) is written as one latent of its pooled image
-    tokens and its caption's <eos> state; an image reads with a latent of its pooled tokens alone; the read latent
-    reaches the captioner as one more cross-attention token beside the image tokens."""
+    """The memory as the captioner uses it. A pair (image, caption) is written as one latent [key, value]: a key
+    of the image's pooled tokens (the first half) and a value of the caption's <eos> state (the second half). An
+    image reads with its key alone, which is all a captioning request has, and the memory addresses by keys
+    (``EpisodicMemory(key_dim=...)``), so an image finds the value written with it. The value read reaches the
+    captioner as one more cross-attention token beside the image tokens."""
 
     def __init__(self, cfg: MemoryConfig, image_dim: int, text_dim: int):
         super().__init__()
         self.cfg = cfg
-        self.gpm = EpisodicMemory(cfg)
-        self.pair = nn.Linear(image_dim + text_dim, cfg.dim)
-        self.query = nn.Linear(image_dim, cfg.dim)
-        self.to_text = nn.Linear(cfg.dim, text_dim)
+        self.key_dim = cfg.dim // 2
+        self.gpm = EpisodicMemory(cfg, key_dim=self.key_dim)
+        self.key = nn.Linear(image_dim, self.key_dim)
+        self.value = nn.Linear(text_dim, cfg.dim - self.key_dim)
+        self.to_text = nn.Linear(cfg.dim - self.key_dim, text_dim)
 
     def pair_latents(self, image_pooled: torch.Tensor, caption_states: torch.Tensor) -> torch.Tensor:
-        return self.pair(torch.cat([image_pooled, caption_states], dim=-1))
+        return torch.cat([self.key(image_pooled), self.value(caption_states)], dim=-1)
+
+    def query(self, image_pooled: torch.Tensor) -> torch.Tensor:
+        return self.key(image_pooled)
 
     def _episodes(self, x: torch.Tensor) -> torch.Tensor:
         """[B, C] -> [E, N, C], zero-padded: a zero latent adds nothing a least-squares write has to fit."""
@@ -161,8 +174,8 @@ class CaptionMemory(nn.Module):
         batch = image_pooled.shape[0]
         state = self.gpm.write(self._episodes(self.pair_latents(image_pooled, caption_states)), covariance=False)
         read = self.gpm.read(self._episodes(self.query(image_pooled)), state)
-        latents = read["latents"].reshape(-1, read["latents"].shape[-1])[:batch]
-        return self.to_text(latents)[:, None, :], read["kl"]
+        values = read["latents"][..., self.key_dim:].reshape(-1, self.cfg.dim - self.key_dim)
+        return self.to_text(values[:batch])[:, None, :], read["kl"]
 
     def write(self, image_pooled: torch.Tensor, caption_states: torch.Tensor,
               state: MemoryState | None = None, sign: float = 1.0) -> MemoryState:
@@ -180,4 +193,4 @@ class CaptionMemory(nn.Module):
         if state.memory.shape[0] != 1:
             raise ValueError(f"captioning reads one memory; this state holds {state.memory.shape[0]}")
         read = self.gpm.read(self.query(image_pooled)[None], state)
-        return self.to_text(read["latents"][0])[:, None, :]
+        return self.to_text(read["latents"][0, :, self.key_dim:])[:, None, :]
