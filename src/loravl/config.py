@@ -128,6 +128,9 @@ class MemoryConfig:
     noise: float = 0.05
     # Weight of the KL term of the read weights against N(0, I).
     kl_weight: float = 0.1
+    # Training reads sample their weights with a learned variance (Larimar's generative read); false: the
+    # weights' mean, as at inference (Larimar's deterministic_w).
+    read_noise: bool = True
     # Ben-Israel-Cohen iterations per pseudo-inverse.
     pinv_steps: int = 15
     # In training, the share of an episode's pairs written with another image's caption: captions the pixels

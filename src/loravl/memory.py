@@ -118,7 +118,7 @@ class EpisodicMemory(nn.Module):
             weights = self._compute(queries)[..., :self.key_dim] @ pseudo_inverse(keys, self.cfg.pinv_steps)
             logvar = self.read_logvar.float()
             kl = 0.5 * (logvar.exp() + weights.pow(2) - 1 - logvar).sum(dim=-1).mean()
-            if self.training:
+            if self.training and self.cfg.read_noise:
                 weights = weights + (0.5 * logvar).exp() * torch.randn_like(weights)
             latents = weights @ memory
         return {"latents": latents.to(queries.dtype), "weights": weights, "kl": kl}
