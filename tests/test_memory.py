@@ -66,15 +66,17 @@ def test_sequential_write_then_forget_restores_the_memory(start):
     torch.testing.assert_close(forgotten.covariance, state.covariance, rtol=1e-8, atol=1e-8)
 
 
-def test_one_latent_one_episode_bf16_autocast_and_gradients():
-    memory = _memory().train()
+@pytest.mark.parametrize("read_noise", [False, True])
+def test_one_latent_one_episode_bf16_autocast_and_gradients(read_noise):
+    memory = _memory(read_noise=read_noise).train()
     latents = torch.randn(1, 1, 128, requires_grad=True)
     with torch.autocast("cpu", dtype=torch.bfloat16):
         out = memory.read(latents, memory.write(latents))
     assert out["latents"].shape == (1, 1, 128) and out["weights"].dtype == torch.float32
     assert torch.isfinite(out["latents"]).all() and torch.isfinite(out["kl"])
     (out["latents"].float().pow(2).sum() + out["kl"]).backward()
-    for p in (memory.prior_memory, memory.read_logvar, latents):
+    assert (memory.read_logvar is not None) == read_noise
+    for p in (memory.prior_memory, latents, *([memory.read_logvar] if read_noise else [])):
         assert p.grad is not None and torch.isfinite(p.grad).all() and p.grad.abs().sum() > 0
 
 

@@ -128,9 +128,10 @@ class MemoryConfig:
     noise: float = 0.05
     # Weight of the KL term of the read weights against N(0, I).
     kl_weight: float = 0.1
-    # Training reads sample their weights with a learned variance (Larimar's generative read); false: the
-    # weights' mean, as at inference (Larimar's deterministic_w).
-    read_noise: bool = True
+    # true: training reads sample their weights with a learned variance (Larimar's generative read); false: the
+    # weights' mean, as at inference (Larimar's deterministic_w). Sampled, the noise drowned the recall a demo
+    # model learned (BENCHMARKS.md, memory rows).
+    read_noise: bool = False
     # Ben-Israel-Cohen iterations per pseudo-inverse.
     pinv_steps: int = 15
     # In training, the share of an episode's pairs written with another image's caption: captions the pixels

@@ -76,7 +76,8 @@ class EpisodicMemory(nn.Module):
         self.cfg = cfg
         self.key_dim = key_dim or cfg.dim
         self.prior_memory = nn.Parameter(torch.eye(cfg.slots, cfg.dim))  # M0, identity-like (Larimar)
-        self.read_logvar = nn.Parameter(torch.zeros(()))  # one learned variance of the read weights
+        # One learned variance of the read weights, where training reads sample them (cfg.read_noise).
+        self.read_logvar = nn.Parameter(torch.zeros(())) if cfg.read_noise else None
 
     def _compute(self, t: torch.Tensor) -> torch.Tensor:
         return t.to(torch.promote_types(t.dtype, torch.float32))
@@ -116,9 +117,12 @@ class EpisodicMemory(nn.Module):
             memory = self._compute(state.memory)
             keys = memory[..., :self.key_dim]
             weights = self._compute(queries)[..., :self.key_dim] @ pseudo_inverse(keys, self.cfg.pinv_steps)
-            logvar = self.read_logvar.float()
-            kl = 0.5 * (logvar.exp() + weights.pow(2) - 1 - logvar).sum(dim=-1).mean()
-            if self.training and self.cfg.read_noise:
+            if self.read_logvar is None:  # the prior's variance: only the weights' mean is weighed
+                kl = 0.5 * weights.pow(2).sum(dim=-1).mean()
+            else:
+                logvar = self.read_logvar.float()
+                kl = 0.5 * (logvar.exp() + weights.pow(2) - 1 - logvar).sum(dim=-1).mean()
+            if self.training and self.read_logvar is not None:
                 weights = weights + (0.5 * logvar).exp() * torch.randn_like(weights)
             latents = weights @ memory
         return {"latents": latents.to(queries.dtype), "weights": weights, "kl": kl}
