@@ -27,6 +27,22 @@ MAY_CHANGE = (
 # How this start was asked for, not what the run is: never compared.
 NOT_COMPARED = ("train.resume", "train.overwrite")
 
+# Settings added since earlier releases whose default changes what a run computes. A checkpoint's config.yaml
+# without one ran as the value here says, so a resume compares against that value, not today's default: resuming
+# such a run asks for the setting it trained with, rather than silently changing its losses.
+EARLIER_BEHAVIOUR = {"model.loss.same_caption_positive": False}
+
+
+def saved_config(folder: Path) -> RunConfig:
+    """The checkpoint's run settings, with EARLIER_BEHAVIOUR for fields its config.yaml predates."""
+    import yaml
+
+    path = folder / "config.yaml"
+    written = flatten(yaml.safe_load(path.read_text(encoding="utf-8")) or {})
+    earlier = [item for field, value in EARLIER_BEHAVIOUR.items() if field not in written
+               for item in (f"--{field}", str(value).lower())]
+    return load_config(path, earlier)
+
 
 def _may_change(field: str) -> bool:
     return any(field == allowed or (allowed.endswith(".") and field.startswith(allowed)) for allowed in MAY_CHANGE)
@@ -37,7 +53,7 @@ def check_resume(folder: Path, cfg: RunConfig, saved_world_size: int, world_size
     """The fields that differ from the checkpoint's run, ``{field: (saved, now)}``, after checking that each may
     change; raises ``ConfigError`` naming those that may not. The world size may change only at an epoch's end
     (map-style data re-splits there; mid-epoch each rank's position belongs to the split it was saved with)."""
-    saved = flatten(load_config(folder / "config.yaml").to_dict())
+    saved = flatten(saved_config(folder).to_dict())
     now = flatten(cfg.to_dict())
     changed = {field: (saved.get(field), now.get(field)) for field in sorted(set(saved) | set(now))
                if saved.get(field) != now.get(field) and field not in NOT_COMPARED}
