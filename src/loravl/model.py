@@ -28,7 +28,7 @@ from .losses import (CaptionHash, FeatureQueue, hard_negative_weights, itc_loss,
 from .memory import CaptionMemory, MemoryState
 from .pooling import ImagePool
 from .text import CaptionTokenizer, build_text_model, encode_text, gather_eos
-from .vision import LoraOf, VisionEncoder, momentum_encoder, num_image_tokens, set_activation_checkpointing
+from .vision import VisionEncoder, momentum_encoder, num_image_tokens, set_activation_checkpointing
 
 
 class VisionLanguageModel(nn.Module):
@@ -75,6 +75,9 @@ class VisionLanguageModel(nn.Module):
         pairs = self._momentum_pairs()
         self._momentum_params = ([p for o, _ in pairs for p in o.parameters()],
                                  [p for _, m in pairs for p in m.parameters()])
+        if self.vision_m is not None:  # the momentum encoder's own weights are its LoRA's
+            self._momentum_params[0].extend(p for _, p in self.vision.lora_parameters())
+            self._momentum_params[1].extend(p for _, p in self.vision_m.lora_parameters())
         # The momentum copies' EMA step at the start of each training forward (ALBEF). The trainer turns it off and
         # takes the step itself once per optimizer step, so that k accumulated micro-batches move them as one
         # batch does, not by momentum**k.
@@ -93,12 +96,9 @@ class VisionLanguageModel(nn.Module):
     # -- parameters and phases ----------------------------------------------------------------------------------
 
     def _momentum_pairs(self) -> list[tuple[nn.Module, nn.Module]]:
-        pairs = [(self.compressor, self.compressor_m), (self.image_pool, self.image_pool_m),
-                 (self.vision_proj, self.vision_proj_m),
-                 (self.text.transformer, self.text_m), (self.text_proj, self.text_proj_m)]
-        if self.vision_m is not None:
-            pairs.insert(0, (LoraOf(self.vision), LoraOf(self.vision_m)))
-        return pairs
+        return [(self.compressor, self.compressor_m), (self.image_pool, self.image_pool_m),
+                (self.vision_proj, self.vision_proj_m),
+                (self.text.transformer, self.text_m), (self.text_proj, self.text_proj_m)]
 
     def lora_parameters(self) -> list[tuple[str, nn.Parameter]]:
         return [(f"vision.{n}", p) for n, p in self.vision.lora_parameters()]
@@ -171,8 +171,9 @@ class VisionLanguageModel(nn.Module):
 
     def encode_text(self, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> dict[str, torch.Tensor]:
         text_states = encode_text(self.text.transformer, input_ids, attention_mask)
-        text_feat = F.normalize(self.text_proj(gather_eos(text_states, attention_mask)), dim=-1)
-        return {"text_states": text_states, "text_feat": text_feat}
+        text_eos = gather_eos(text_states, attention_mask)
+        return {"text_states": text_states, "text_eos": text_eos,
+                "text_feat": F.normalize(self.text_proj(text_eos), dim=-1)}
 
     def itm_logits(self, image_tokens: torch.Tensor, text_states: torch.Tensor,
                    attention_mask: torch.Tensor) -> torch.Tensor:
@@ -205,7 +206,7 @@ class VisionLanguageModel(nn.Module):
         ids = tokens["input_ids"].to(pixel_values.device)
         mask = tokens["attention_mask"].to(pixel_values.device)
         pooled = self.encode_image(pixel_values)["image_pooled"]
-        caption_states = gather_eos(encode_text(self.text.transformer, ids, mask), mask)
+        caption_states = self.encode_text(ids, mask)["text_eos"]
         return self.memory.write(pooled.float(), caption_states.float(), state, sign=-1.0 if forget else 1.0)
 
     @torch.no_grad()
@@ -358,7 +359,7 @@ class VisionLanguageModel(nn.Module):
             swapped = torch.rand(batch, device=input_ids.device) < self.cfg.memory.swap_fraction
             captions = torch.where(swapped, (captions + 1) % batch, captions)
         ids, mask = input_ids[captions], attention_mask[captions]
-        caption_states = gather_eos(text["text_states"], attention_mask)[captions]
+        caption_states = text["text_eos"][captions]
         memory_tokens, kl = self.memory.episode_tokens(image["image_pooled"], caption_states)
         logits = self.caption_logits(image["image_tokens"], ids, mask, memory_tokens)
         return {"loss_memory_lm": lm_loss(logits, ids, mask, self.cfg.loss.label_smoothing), "loss_memory_kl": kl}
@@ -442,7 +443,7 @@ class VisionLanguageModel(nn.Module):
                      "itm_head", "memory"):
             module = getattr(self, name)
             parts[name] = 0 if module is None else sum(p.numel() for p in module.parameters())
-        parts["momentum_copies"] = sum(p.numel() for _, m in self._momentum_pairs() for p in m.parameters())
+        parts["momentum_copies"] = sum(p.numel() for p in self._momentum_params[1])
         return parts
 
     # -- checkpoint contents ------------------------------------------------------------------------------------

@@ -323,22 +323,6 @@ def num_image_tokens(encoder: VisionEncoder, image_size: int) -> int:
     return encoder.num_prefix_tokens + (image_size // patch) ** 2
 
 
-class LoraOf(nn.Module):
-    """A view of an encoder's LoRA parameters only (the EMA pairs them with a momentum encoder's)."""
-
-    def __init__(self, encoder: VisionEncoder):
-        super().__init__()
-        object.__setattr__(self, "encoder", encoder)  # not a submodule: the view owns nothing
-
-    def parameters(self, recurse: bool = True):
-        return iter([p for _, p in self.encoder.lora_parameters()])
-
-    def requires_grad_(self, requires_grad: bool = True) -> "LoraOf":
-        for p in self.parameters():
-            p.requires_grad_(requires_grad)
-        return self
-
-
 def momentum_encoder(encoder: VisionEncoder) -> VisionEncoder:
     """A copy of ``encoder`` for the momentum model: its own LoRA weights (the EMA moves them), every other
     parameter and buffer the online encoder's own tensor, so the frozen backbone is held once."""
