@@ -25,6 +25,30 @@ def test_forward_backward_all_losses_finite(tiny_model_config, tiny_tokenizer):
     out["loss"].backward()
 
 
+def test_text_lm_loss_is_the_text_model_read_without_the_image(tiny_model_config, tiny_tokenizer):
+    model = _model(tiny_model_config, tiny_tokenizer, text_lm_weight=0.5).eval()
+    batch = tiny_batch(tiny_tokenizer, 4)
+    out = model(**batch)
+    ids, mask = batch["input_ids"], batch["attention_mask"]
+    # The plain GPT-2 forward with no image: what a text-only scorer (and the exported causal LM) computes.
+    logits = model.text(input_ids=ids, attention_mask=mask).logits
+    labels = ids[:, 1:].masked_fill(mask[:, 1:] == 0, -100)
+    expected = torch.nn.functional.cross_entropy(logits[:, :-1].reshape(-1, logits.shape[-1]), labels.reshape(-1),
+                                                 ignore_index=-100, label_smoothing=model.cfg.loss.label_smoothing)
+    assert torch.allclose(out["loss_text_lm"], expected, atol=1e-5)
+    w = model.cfg.loss
+    total = w.itc_weight * out["loss_itc"] + w.itm_weight * out["loss_itm"] + w.lm_weight * out["loss_lm"] \
+        + 0.5 * out["loss_text_lm"]
+    assert torch.allclose(out["loss"], total)
+    # The term alone trains the text model's own layers, never its cross-attention to the image.
+    model.zero_grad(set_to_none=True)
+    out["loss_text_lm"].backward()
+    grads = {n for n, p in model.text.named_parameters() if p.grad is not None and p.grad.abs().sum() > 0}
+    assert any("attn.c_attn" in n for n in grads) and "transformer.wte.weight" in grads  # lm_head is tied to wte
+    assert not any("crossattention" in n for n in grads)
+    assert "loss_text_lm" not in _model(tiny_model_config, tiny_tokenizer)(**batch), "off by default"
+
+
 def _params_with_grad(model):
     return {n for n, p in model.named_parameters() if p.grad is not None}
 

@@ -180,6 +180,9 @@ class LossConfig:
     itc_weight: float = 1.0
     itm_weight: float = 1.0
     lm_weight: float = 1.0
+    # Next-token loss of the text model read without the image (its unimodal pass, already run for ITC): trains
+    # the language model that scores text alone (BabyLM's text tasks, the exported causal LM). 0: off.
+    text_lm_weight: float = 0.0
 
     def validate(self, prefix: str) -> None:
         _check(self.embed_dim > 0, prefix, "embed_dim", "must be > 0")
@@ -197,7 +200,7 @@ class LossConfig:
         _check(self.itm_negatives != "queue" or self.queue_size > 0, prefix, "itm_negatives",
                "'queue' needs queue_size > 0")
         _check(0.0 <= self.label_smoothing < 1.0, prefix, "label_smoothing", "must be in [0, 1)")
-        for name in ("itc_weight", "itm_weight", "lm_weight"):
+        for name in ("itc_weight", "itm_weight", "lm_weight", "text_lm_weight"):
             _check(getattr(self, name) >= 0, prefix, name, "must be >= 0")
 
 

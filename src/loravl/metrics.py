@@ -16,7 +16,7 @@ import torch.distributed as dist
 from torch.profiler import record_function
 
 from .checkpoint import TrainState
-from .config import LoggingConfig
+from .config import LoggingConfig, ModelConfig
 from .data.skips import SkipCounter
 from .runtime import DistributedEnv
 
@@ -26,9 +26,12 @@ LOSS_NAMES = ("loss_itc", "loss_itm", "loss_lm", "loss")
 MEMORY_LOSS_NAMES = ("loss_memory_lm", "loss_memory_kl")
 
 
-def loss_names(memory: bool) -> tuple[str, ...]:
-    """The losses a model's forward returns and the logs carry (model.memory.enabled adds the memory's)."""
-    return (*LOSS_NAMES[:-1], *MEMORY_LOSS_NAMES, "loss") if memory else LOSS_NAMES
+def loss_names(cfg: ModelConfig) -> tuple[str, ...]:
+    """The losses a model's forward returns and the logs carry: the text-only LM's with loss.text_lm_weight > 0,
+    the memory's with memory.enabled."""
+    text_lm = ("loss_text_lm",) if cfg.loss.text_lm_weight > 0 else ()
+    memory = MEMORY_LOSS_NAMES if cfg.memory.enabled else ()
+    return (*LOSS_NAMES[:-1], *text_lm, *memory, "loss")
 
 
 def setup_logging(log_dir: Path, rank: int) -> None:

@@ -328,6 +328,10 @@ class VisionLanguageModel(nn.Module):
 
         logits = self.caption_logits(image["image_tokens"], input_ids, attention_mask)
         loss_lm = lm_loss(logits, input_ids, attention_mask, w.label_smoothing)
+        text_lm = {}
+        if w.text_lm_weight > 0:
+            text_lm["loss_text_lm"] = lm_loss(self.text.lm_head(text["text_states"]), input_ids, attention_mask,
+                                              w.label_smoothing)
         memory_losses = self._memory_losses(image, text, input_ids, attention_mask) if self.memory is not None \
             else {}
 
@@ -342,10 +346,12 @@ class VisionLanguageModel(nn.Module):
             self.queue.enqueue(image_feat_m_global, text_feat_m_global, image_ids_global, caption_ids_global, **extra)
 
         loss = w.itc_weight * loss_itc + w.itm_weight * itm["loss_itm"] + w.lm_weight * loss_lm
+        if text_lm:
+            loss = loss + w.text_lm_weight * text_lm["loss_text_lm"]
         if memory_losses:
             loss = loss + w.lm_weight * memory_losses["loss_memory_lm"] + \
                 self.cfg.memory.kl_weight * memory_losses["loss_memory_kl"]
-        return {"loss": loss, "loss_itc": loss_itc, "loss_itm": itm["loss_itm"], "loss_lm": loss_lm,
+        return {"loss": loss, "loss_itc": loss_itc, "loss_itm": itm["loss_itm"], "loss_lm": loss_lm, **text_lm,
                 **memory_losses, "itm_accuracy": itm["itm_accuracy"], "temperature": temperature.detach()}
 
     def _memory_losses(self, image: dict, text: dict, input_ids: torch.Tensor,

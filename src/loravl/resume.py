@@ -30,7 +30,7 @@ NOT_COMPARED = ("train.resume", "train.overwrite")
 # Settings added since earlier releases whose default changes what a run computes. A checkpoint's config.yaml
 # without one ran as the value here says, so a resume compares against that value, not today's default: resuming
 # such a run asks for the setting it trained with, rather than silently changing its losses.
-EARLIER_BEHAVIOUR = {"model.loss.same_caption_positive": False}
+EARLIER_BEHAVIOUR = {"model.loss.same_caption_positive": False, "model.loss.text_lm_weight": 0.0}
 
 
 def saved_config(folder: Path) -> RunConfig:

@@ -124,7 +124,7 @@ def _train(cfg: RunConfig, env: DistributedEnv) -> VisionLanguageModel:
     # workers take them from the step (configs/demo.yaml).
     metrics = MetricsLogger(tc.logging, tc.max_bad_steps, env, total_steps, start_step=state.step,
                             hint_when_loader_bound=env.device.type == "cuda",
-                            losses=loss_names(cfg.model.memory.enabled))
+                            losses=loss_names(cfg.model))
     profiler = StepProfiler(tc.profile, env)
     stop = StopSignal(env)
     last_saved_step = state.step if resume_from is not None else -1
@@ -281,7 +281,7 @@ def train_step(ddp_model: nn.Module, micro_batches: list[dict[str, Any]],
     all-reduce, so every rank makes the same decision.
     """
     model = ddp_model.module if isinstance(ddp_model, DDP) else ddp_model
-    names = loss_names(model.cfg.memory.enabled)
+    names = loss_names(model.cfg)
     losses = {name: torch.zeros((), device=env.device) for name in names}
     params = [p for group in optimizer.param_groups for p in group["params"]]
     # With CUDA graphs, gradients accumulated over micro-batches need buffers of their own (allocate_grads).
