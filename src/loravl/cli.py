@@ -51,6 +51,13 @@ def evaluate(argv: Optional[Sequence[str]] = None) -> int:
     return main(argv)
 
 
+def babylm(argv: Optional[Sequence[str]] = None) -> int:
+    """``loravl-babylm`` / ``src/evaluate_babylm.py``."""
+    from .babylm import main
+
+    return main(argv)
+
+
 def finetune(argv: Optional[Sequence[str]] = None) -> int:
     """``loravl-finetune`` / ``src/finetune_classifier.py``."""
     from .finetune.cli import main

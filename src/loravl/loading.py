@@ -7,6 +7,8 @@ checkpoint or a checkpoint dir. This module imports the model; the model and the
     <export>/vision_backbone/          a plain DINOv2 (AutoModel.from_pretrained), LoRA merged into it or not
     <export>/vision_adapter/           the PEFT adapter (adapter_config.json, adapter_model.safetensors)
     <export>/tokenizer/                the caption tokenizer
+    <export>/text_lm/                  the text model alone as a transformers causal LM with its tokenizer
+                                       (``export_text_lm``), for lm-evaluation-harness and the BabyLM pipeline
 
 Unmerged: backbone + adapter reproduce the trained encoder. Merged: the backbone alone is the trained encoder
 (the adapter is kept for reference; loading does not apply it).
@@ -37,6 +39,7 @@ from .text import CaptionTokenizer, load_tokenizer
 from .weights import ModelWeights, load_weights_into, read_weights, save_weights
 
 BACKBONE_DIR = "vision_backbone"
+TEXT_LM_DIR = "text_lm"
 ADAPTER_DIR = "vision_adapter"
 TOKENIZER_DIR = "tokenizer"
 
@@ -87,6 +90,7 @@ def export_model(model: VisionLanguageModel, cfg: RunConfig, out_dir: str | Path
     backbone.save_pretrained(str(tmp / BACKBONE_DIR))
     save_weights(_non_vision_state(model), tmp / MODEL_FILE)
     model.tokenizer.save(tmp / TOKENIZER_DIR)
+    export_text_lm(model, tmp / TEXT_LM_DIR)
 
     exported = config_from_dict(cfg.to_dict())
     exported.model.vision.pretrained = BACKBONE_DIR
@@ -99,6 +103,36 @@ def export_model(model: VisionLanguageModel, cfg: RunConfig, out_dir: str | Path
     if out_dir.exists():
         shutil.rmtree(out_dir)
     os.rename(tmp, out_dir)
+    return out_dir
+
+
+@torch.no_grad()
+def export_text_lm(model: VisionLanguageModel, out_dir: str | Path) -> Path:
+    """The text model read without images (``loravl.scoring``'s text-only scorer) as a plain ``GPT2LMHeadModel``:
+    the same weights less the cross-attention layers, transformers' own attention. The tokenizer lower-cases its
+    input and starts each text with <bos>, as loravl's scoring does, so that ``AutoModelForCausalLM`` and
+    ``AutoTokenizer`` (lm-evaluation-harness, the BabyLM pipeline) give loravl's log-probabilities, with no loravl
+    code."""
+    from tokenizers import normalizers, processors
+    from transformers import GPT2Config, GPT2LMHeadModel
+
+    out_dir = Path(out_dir)
+    settings = model.text.config.to_dict()
+    settings.update(add_cross_attention=False, architectures=["GPT2LMHeadModel"])
+    settings.pop("_attn_implementation", None)
+    settings.pop("attn_implementation", None)
+    text_lm = GPT2LMHeadModel(GPT2Config(**settings))
+    state = {k: v for k, v in model.text.state_dict().items() if ".crossattention." not in k and ".ln_cross_attn." not in k}
+    text_lm.load_state_dict(state, strict=True)
+    text_lm.save_pretrained(str(out_dir))
+
+    tokenizer = copy.deepcopy(model.tokenizer.tokenizer)
+    backend = tokenizer.backend_tokenizer
+    backend.normalizer = normalizers.Lowercase()
+    bos = tokenizer.bos_token
+    backend.post_processor = processors.TemplateProcessing(single=f"{bos} $A", pair=f"{bos} $A $B",
+                                                           special_tokens=[(bos, tokenizer.bos_token_id)])
+    tokenizer.save_pretrained(str(out_dir))
     return out_dir
 
 
