@@ -19,18 +19,35 @@ MODULE_NAME_ALIASES: tuple[tuple[str, ...], ...] = (
     ("fc1",),
     ("fc2",),
 )
-ATTENTION_NAMES = {"query", "q_proj", "key", "k_proj", "value", "v_proj", "dense", "o_proj", "out_proj"}
-MLP_NAMES = {"fc1", "fc2"}
+ATTENTION_NAMES = {"query", "q_proj", "key", "k_proj", "value", "v_proj", "dense", "o_proj", "out_proj", "in_proj"}
+MLP_NAMES = {"fc1", "fc2", "c_fc", "c_proj"}
+# nn.MultiheadAttention (CLIP's blocks) packs q, k and v into one in_proj weight; PEFT adapts it together with the
+# block's out_proj, as one LoRA layer on the attention module.
+PACKED_ATTENTION = ("in_proj", "out_proj")
 
 
 def _adaptable_leaf_names(model: nn.Module) -> set[str]:
-    return {name.rsplit(".", 1)[-1] for name, m in model.named_modules() if isinstance(m, (nn.Linear, nn.Conv2d))}
+    inside_packed = {f"{name}.out_proj" for name, m in model.named_modules() if isinstance(m, nn.MultiheadAttention)}
+    return {name.rsplit(".", 1)[-1] for name, m in model.named_modules()
+            if isinstance(m, (nn.Linear, nn.Conv2d)) and name not in inside_packed}
+
+
+def _resolve_packed_attention(model: nn.Module, requested: list[str]) -> tuple[list[str], list[str]]:
+    """(the attention modules to adapt, the names left): in_proj and out_proj of nn.MultiheadAttention."""
+    packed = [name for name, m in model.named_modules() if isinstance(m, nn.MultiheadAttention)]
+    asked = [n for n in PACKED_ATTENTION if n in requested]
+    if not packed or not asked:
+        return [], requested
+    if len(asked) == 1:
+        raise ConfigError(f"lora target_modules: {asked[0]!r} of nn.MultiheadAttention: PEFT adapts in_proj and "
+                          f"out_proj together, as one layer; name both")
+    return packed, [n for n in requested if n not in PACKED_ATTENTION]
 
 
 def resolve_target_modules(model: nn.Module, requested: list[str]) -> list[str]:
     """Map the user's module names onto the names this model (this transformers release) actually uses."""
+    resolved, requested = _resolve_packed_attention(model, requested)
     available = _adaptable_leaf_names(model)
-    resolved: list[str] = []
     for name in requested:
         if name in available:
             candidates = [name]
@@ -75,8 +92,11 @@ class InjectionSummary:
         kinds = ", ".join(f"{k}: {v}" for k, v in sorted(self.counts_by_kind.items()))
         listed = self.adapted_modules[:max_listed]
         more = len(self.adapted_modules) - len(listed)
+        counts = ", ".join(f"{kind.capitalize() if kind != 'mlp' else 'MLP'} modules: {n}"
+                           for kind, n in sorted(self.counts_by_kind.items()))
         lines = [
             f"LoRA injected into {len(self.adapted_modules)} modules ({kinds}), rank={self.rank}, alpha={self.alpha}",
+            f"Total modules: {len(self.adapted_modules)}, {counts}, Rank: {self.rank}, Alpha: {self.alpha}",
             *[f"  {name}" for name in listed],
         ]
         if more > 0:
@@ -89,6 +109,8 @@ class InjectionSummary:
 
 
 def module_kind(name: str, module: nn.Module) -> str:
+    if isinstance(module, nn.MultiheadAttention):
+        return "attention"
     leaf = name.rsplit(".", 1)[-1]
     if isinstance(module, nn.Conv2d) and leaf not in MLP_NAMES:  # a conv MLP (FastViT's ConvMlp) counts as mlp
         return "conv"
@@ -100,6 +122,9 @@ def injection_summary(model: nn.Module, lora: LoraConfig) -> InjectionSummary:
     adapted, kinds = [], {}
     for name, module in model.named_modules():
         if hasattr(module, "lora_A") and hasattr(module, "base_layer"):
+            if isinstance(module.base_layer, nn.MultiheadAttention):
+                name = f"{name}.in_proj"  # its out_proj is listed as a layer of its own, inside it
+            name = name.replace(".base_layer.out_proj", ".out_proj")
             adapted.append(name)
             kind = module_kind(name, module.base_layer)
             kinds[kind] = kinds.get(kind, 0) + 1

@@ -1,12 +1,13 @@
 """A classifier = backbone + one adapter + a linear head; which parameters train is decided here, by name.
 
 Backbones: a DINOv2 (transformers folder or hub name), a stage-1 loravl checkpoint (its vision encoder with the
-stage-1 LoRA merged in) or a timm FastViT name. Adapters:
-  lora     PEFT LoRA on attention and MLP projections (resolved with loravl.lora.resolve_target_modules);
-           on FastViT, ConvLoRA on every dense stage conv (loravl.fastvit)
+stage-1 LoRA merged in), a timm FastViT name, or a CLIP ViT built with open_clip (loravl.finetune.clip). Adapters:
+  lora     PEFT LoRA on attention and MLP projections (resolved with loravl.lora.resolve_target_modules; CLIP's
+           packed in_proj with out_proj as one layer); on FastViT, ConvLoRA on every dense stage conv
   lora_fa  the same layers, A frozen, B trained with LoRA-FA's gradient correction (loravl.lora_fa)
   bitfit   every bias of the backbone
-  prompt   shallow VPT: learned tokens inserted after CLS/registers, before the patch tokens (DINOv2 only)
+  prefix   prefix tuning: learned keys and values in every attention layer (loravl.finetune.prefix)
+  prompt   shallow VPT: learned tokens inserted after CLS/registers, before the patch tokens
   full     every backbone weight
   linear   nothing in the backbone
 The head always trains.
@@ -27,13 +28,17 @@ from ..fastvit import FastVitTokens, create_fastvit, dense_conv_names, is_fastvi
 from ..lora_fa import apply_lora_fa
 from ..lora import InjectionSummary, injection_summary, peft_lora_config, resolve_target_modules
 from ..vision import load_dinov2
+from .clip import create_clip_vit, is_clip_backbone
+from .prefix import PrefixTuning
 
-ADAPTERS = ("lora", "lora_fa", "bitfit", "prompt", "full", "linear")
+ADAPTERS = ("lora", "lora_fa", "bitfit", "prefix", "prompt", "full", "linear")
 # Full fine-tuning moves pretrained weights, so it gets the smallest step; the head alone can take a large one.
-DEFAULT_LR = {"lora": 2e-4, "lora_fa": 2e-4, "bitfit": 1e-3, "prompt": 5e-4, "full": 1e-5, "linear": 1e-3}
+DEFAULT_LR = {"lora": 2e-4, "lora_fa": 2e-4, "bitfit": 1e-3, "prefix": 5e-4, "prompt": 5e-4, "full": 1e-5,
+              "linear": 1e-3}
 # (rank, alpha). alpha = 2 r keeps the update scale alpha / r fixed, so a preset changes capacity, not step size.
 LORA_PRESETS = {"simple": (8, 16), "medium": (16, 32), "complex": (32, 64)}
 DEFAULT_LORA_TARGETS = ["query", "key", "value", "dense", "fc1", "fc2"]
+CLIP_LORA_TARGETS = ["in_proj", "out_proj", "c_fc", "c_proj"]
 
 
 @dataclass
@@ -81,12 +86,13 @@ class ImageClassifier(nn.Module):
     linear-evaluation features) or, for FastViT, its pooled feature map."""
 
     def __init__(self, backbone: nn.Module, kind: str, hidden_size: int, num_prefix_tokens: int, num_classes: int,
-                 prompt: Optional[PromptTokens] = None):
+                 prompt: Optional[PromptTokens] = None, prefix: Optional[PrefixTuning] = None):
         super().__init__()
         self.backbone = backbone
         self.kind = kind
         self.num_prefix_tokens = num_prefix_tokens + (prompt.tokens.shape[0] if prompt is not None else 0)
         self.prompt = prompt
+        self.prefix = prefix
         feature_dim = hidden_size if kind == "fastvit" else 2 * hidden_size
         self.head = nn.Linear(feature_dim, num_classes)
         self.summary: Optional[AdapterSummary] = None
@@ -101,9 +107,15 @@ class ImageClassifier(nn.Module):
         return self.head(self.features(pixel_values))
 
 
-def load_backbone(spec: str, random_init: bool = False) -> tuple[nn.Module, str]:
-    """``(module, kind)``: a FastViT name -> FastVitTokens; a stage-1 checkpoint -> its vision encoder with LoRA
-    merged; anything else -> a DINOv2 folder or hub name."""
+def load_backbone(spec: str, random_init: bool = False, weights: Optional[str] = None,
+                  image_size: Optional[int] = None) -> tuple[nn.Module, str]:
+    """``(module, kind)``: a FastViT name -> FastVitTokens; a CLIP name -> ClipVitTokens (``weights``: a local
+    file); a stage-1 checkpoint -> its vision encoder with LoRA merged; anything else -> a DINOv2 folder or hub
+    name."""
+    if is_clip_backbone(spec):
+        return create_clip_vit(spec, random_init, weights, image_size), "clip"
+    if weights is not None:
+        raise ConfigError("--weights is for CLIP backbones; a DINOv2 or FastViT loads its weights by name or folder")
     if is_fastvit_backbone(spec):
         return FastVitTokens(create_fastvit(spec, random_init)), "fastvit"
     if Path(spec).is_dir():
@@ -129,7 +141,7 @@ def _stage1_backbone(path: str) -> tuple[nn.Module, str]:
 
 def _backbone_shape(backbone: nn.Module, kind: str) -> tuple[int, int]:
     """(hidden size, prefix tokens before the patches)."""
-    if kind == "fastvit":
+    if kind in ("fastvit", "clip"):
         return backbone.hidden_size, backbone.num_prefix_tokens
     return backbone.config.hidden_size, 1 + getattr(backbone.config, "num_register_tokens", 0)
 
@@ -146,6 +158,8 @@ def intended_trainable(name: str, adapter: str) -> bool:
         return name.endswith(".bias")
     if adapter == "prompt":
         return name.startswith("prompt.")
+    if adapter == "prefix":
+        return name.startswith("prefix.")
     if adapter == "full":
         return True
     return False  # linear
@@ -153,17 +167,20 @@ def intended_trainable(name: str, adapter: str) -> bool:
 
 def build_classifier(backbone_spec: str, num_classes: int, adapter: str, random_init: bool = False,
                      rank: int = 16, alpha: int = 32, lora_dropout: float = 0.1,
-                     lora_targets: Optional[list[str]] = None, num_prompts: int = 10) -> ImageClassifier:
+                     lora_targets: Optional[list[str]] = None, num_prompts: int = 10, weights: Optional[str] = None,
+                     image_size: Optional[int] = None) -> ImageClassifier:
+    """``num_prompts``: the prompt tokens (prompt) or the prefix length per layer (prefix)."""
     if adapter not in ADAPTERS:
         raise ConfigError(f"--adapter must be one of {', '.join(ADAPTERS)}, got {adapter!r}")
-    backbone, kind = load_backbone(backbone_spec, random_init)
+    backbone, kind = load_backbone(backbone_spec, random_init, weights, image_size)
     hidden_size, num_prefix = _backbone_shape(backbone, kind)
     backbone.requires_grad_(False)
 
-    lora_summary, prompt = None, None
+    lora_summary, prompt, prefix = None, None, None
     if adapter in ("lora", "lora_fa"):
+        default_targets = CLIP_LORA_TARGETS if kind == "clip" else DEFAULT_LORA_TARGETS
         lora_cfg = LoraConfig(rank=rank, alpha=alpha, dropout=lora_dropout,
-                              target_modules=list(lora_targets or DEFAULT_LORA_TARGETS), variant=adapter)
+                              target_modules=list(lora_targets or default_targets), variant=adapter)
         if kind == "fastvit":  # ConvLoRA on every dense stage conv; lora_targets do not apply
             targets = dense_conv_names(backbone)
         else:
@@ -172,13 +189,24 @@ def build_classifier(backbone_spec: str, num_classes: int, adapter: str, random_
         lora_summary = injection_summary(backbone, lora_cfg)
         if adapter == "lora_fa":
             apply_lora_fa(backbone)
+    elif adapter in ("prompt", "prefix") and kind == "fastvit":
+        raise ConfigError(f"--adapter {adapter} needs a ViT backbone (DINOv2, CLIP): FastViT has no attention "
+                          f"over a token sequence")
     elif adapter == "prompt":
-        if kind == "fastvit":
-            raise ConfigError("--adapter prompt needs a ViT backbone (DINOv2): FastViT has no token sequence to extend")
-        prompt = PromptTokens(num_prompts, hidden_size, backbone.config.patch_size, num_prefix)
-        backbone.embeddings.register_forward_hook(prompt.insert)
+        if kind == "clip":  # after the class token, positions and ln_pre, before the first block
+            prompt = PromptTokens(num_prompts, hidden_size, backbone.patch_size, num_prefix)
+            backbone.visual.ln_pre.register_forward_hook(prompt.insert)
+        else:
+            prompt = PromptTokens(num_prompts, hidden_size, backbone.config.patch_size, num_prefix)
+            backbone.embeddings.register_forward_hook(prompt.insert)
+    elif adapter == "prefix":
+        heads = backbone.visual.transformer.resblocks[0].attn.num_heads if kind == "clip" else \
+            backbone.config.num_attention_heads
+        layers = len(backbone.visual.transformer.resblocks) if kind == "clip" else backbone.config.num_hidden_layers
+        prefix = PrefixTuning(layers, num_prompts, hidden_size, heads)
+        prefix.attach(backbone, kind)
 
-    model = ImageClassifier(backbone, kind, hidden_size, num_prefix, num_classes, prompt)
+    model = ImageClassifier(backbone, kind, hidden_size, num_prefix, num_classes, prompt, prefix)
     for name, p in model.named_parameters():
         p.requires_grad_(intended_trainable(name, adapter))
     model.summary = _summarise(model, adapter, lora_summary)
@@ -195,6 +223,8 @@ def _summarise(model: ImageClassifier, adapter: str, lora_summary: Optional[Inje
         "lora_fa": "A frozen at its random init, B trains (LoRA-FA gradient correction)",
         "bitfit": f"{len(trained)} bias vectors",
         "prompt": f"{model.prompt.tokens.shape[0] if model.prompt is not None else 0} prompt tokens (shallow VPT)",
+        "prefix": (f"{model.prefix.keys.shape[1]} key and value prefixes in each of {model.prefix.keys.shape[0]} "
+                   f"attention layers, zero-init gates" if model.prefix is not None else ""),
         "full": f"all {len(trained)} backbone tensors",
         "linear": "backbone frozen",
     }[adapter]

@@ -14,11 +14,15 @@ def add_common_arguments(parser: argparse.ArgumentParser) -> None:
     """Everything but the adapter choice."""
     parser.add_argument("--data", required=True,
                         help="an image folder (class subfolders, optionally under train/ val/ test/), a folder "
-                             "written by datasets' save_to_disk, or 'flowers102' (torchvision download)")
+                             "written by datasets' save_to_disk, 'flowers102' (torchvision download) or "
+                             "'flowers102:DIR' (already downloaded there, torchvision's layout)")
     parser.add_argument("--backbone", default="facebook/dinov2-base",
                         help="a DINOv2 folder or hub name, a stage-1 checkpoint (folder or checkpoint dir), "
-                             "or a timm FastViT name such as fastvit_t8")
+                             "a timm FastViT name such as fastvit_t8, or a CLIP ViT: clip_vit_b32, clip_vit_b16, "
+                             "clip:<open_clip model name or config .json>")
     parser.add_argument("--random-init", action="store_true", help="the backbone's architecture with random weights")
+    parser.add_argument("--weights", default=None,
+                        help="a CLIP backbone's weights file (default: open_clip's 'openai' weights, downloaded)")
     parser.add_argument("--image-size", type=int, default=224)
     parser.add_argument("--epochs", type=int, default=10)
     parser.add_argument("--batch-size", type=int, default=32)
@@ -34,8 +38,10 @@ def add_common_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--lora-dropout", type=float, default=0.1)
     parser.add_argument("--lora-targets", default=None,
                         help="comma-separated layer names (default query,key,value,dense,fc1,fc2; either "
-                             "transformers naming works). Ignored for FastViT: all dense stage convs")
-    parser.add_argument("--num-prompts", type=int, default=10, help="prompt tokens for --adapter prompt")
+                             "transformers naming works; CLIP: in_proj,out_proj,c_fc,c_proj). Ignored for FastViT: "
+                             "all dense stage convs")
+    parser.add_argument("--num-prompts", type=int, default=10,
+                        help="prompt tokens (--adapter prompt), or prefix length per layer (--adapter prefix)")
     parser.add_argument("--num-workers", type=int, default=4)
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--device", default="auto")
@@ -45,7 +51,7 @@ def add_common_arguments(parser: argparse.ArgumentParser) -> None:
 def config_from_args(args: argparse.Namespace, adapter: str) -> FinetuneConfig:
     targets = [t.strip() for t in args.lora_targets.split(",") if t.strip()] if args.lora_targets else None
     return FinetuneConfig(
-        data=args.data, adapter=adapter, backbone=args.backbone, random_init=args.random_init,
+        data=args.data, adapter=adapter, backbone=args.backbone, random_init=args.random_init, weights=args.weights,
         image_size=args.image_size, epochs=args.epochs, batch_size=args.batch_size, lr=args.lr,
         head_lr=args.head_lr, weight_decay=args.weight_decay, preset=args.preset, rank=args.rank, alpha=args.alpha,
         lora_dropout=args.lora_dropout, lora_targets=targets, num_prompts=args.num_prompts,

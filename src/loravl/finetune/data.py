@@ -2,6 +2,7 @@
 
 ``--data`` accepts
   flowers102              torchvision.datasets.Flowers102(download=True) into ``download_root`` (its own splits)
+  flowers102:DIR          the same from a folder already holding it (torchvision's layout, download=False)
   DIR with train/ [val/|validation/] [test/]   one torchvision ImageFolder per split
   DIR written by datasets' save_to_disk        splits train / validation|val / test; columns image, label
   DIR of class folders                         one ImageFolder, split randomly (seeded) into train/val/test
@@ -36,18 +37,39 @@ class ClassificationData:
         return len(self.classes)
 
 
-def train_transform(image_size: int) -> Callable:
+Normalization = tuple[tuple[float, float, float], tuple[float, float, float]]
+
+
+def train_transform(image_size: int, normalization: Normalization = (IMAGENET_MEAN, IMAGENET_STD)) -> Callable:
     return T.Compose([
         T.RandomResizedCrop(image_size, scale=(0.6, 1.0)), T.RandomHorizontalFlip(),
-        T.ToTensor(), T.Normalize(IMAGENET_MEAN, IMAGENET_STD),
+        T.ToTensor(), T.Normalize(*normalization),
     ])
 
 
-def eval_transform(image_size: int) -> Callable:
+def eval_transform(image_size: int, normalization: Normalization = (IMAGENET_MEAN, IMAGENET_STD)) -> Callable:
     return T.Compose([
         T.Resize(int(round(image_size * 1.14))), T.CenterCrop(image_size),
-        T.ToTensor(), T.Normalize(IMAGENET_MEAN, IMAGENET_STD),
+        T.ToTensor(), T.Normalize(*normalization),
     ])
+
+
+# torchvision's Flowers102 folder: <root>/flowers-102/ holding these.
+FLOWERS102_FILES = ("jpg", "imagelabels.mat", "setid.mat")
+
+
+def _flowers102(root: str, download: bool, train_tf: Callable, eval_tf: Callable) -> ClassificationData:
+    try:
+        splits = {s: tv_datasets.Flowers102(root, split=s, download=download, transform=tf)
+                  for s, tf in (("train", train_tf), ("val", eval_tf), ("test", eval_tf))}
+    except RuntimeError as e:  # torchvision: "Dataset not found or corrupted"
+        folder = Path(root) / "flowers-102"
+        missing = [name for name in FLOWERS102_FILES if not (folder / name).exists()]
+        what = f"missing {', '.join(missing)}" if missing else "a file differs from torchvision's (checksum)"
+        raise FileNotFoundError(f"--data flowers102:{root}: {folder} does not hold Flowers102 in torchvision's "
+                                f"layout ({what}; expected {', '.join(FLOWERS102_FILES)}). Download it with "
+                                f"--data flowers102, or torchvision.datasets.Flowers102(root, download=True)") from e
+    return ClassificationData(splits["train"], splits["val"], splits["test"], [str(i) for i in range(102)])
 
 
 class _HFImageDataset(Dataset):
@@ -77,12 +99,13 @@ def _first_dir(root: Path, names: tuple[str, ...]) -> Optional[Path]:
 
 
 def load_classification_data(spec: str, image_size: int, seed: int = 0, val_fraction: float = 0.1,
-                             test_fraction: float = 0.1, download_root: str = "data/flowers102") -> ClassificationData:
-    train_tf, eval_tf = train_transform(image_size), eval_transform(image_size)
+                             test_fraction: float = 0.1, download_root: str = "data/flowers102",
+                             normalization: Normalization = (IMAGENET_MEAN, IMAGENET_STD)) -> ClassificationData:
+    train_tf, eval_tf = train_transform(image_size, normalization), eval_transform(image_size, normalization)
     if spec.lower() == "flowers102":
-        splits = {s: tv_datasets.Flowers102(download_root, split=s, download=True, transform=tf)
-                  for s, tf in (("train", train_tf), ("val", eval_tf), ("test", eval_tf))}
-        return ClassificationData(splits["train"], splits["val"], splits["test"], [str(i) for i in range(102)])
+        return _flowers102(download_root, True, train_tf, eval_tf)
+    if spec.lower().startswith("flowers102:"):
+        return _flowers102(spec.split(":", 1)[1], False, train_tf, eval_tf)
 
     root = Path(spec)
     if not root.is_dir():

@@ -12,7 +12,8 @@ from torch.utils.data import DataLoader
 
 from ..device import bf16_autocast, resolve_device
 from .adapters import DEFAULT_LR, LORA_PRESETS, ImageClassifier, build_classifier
-from .data import ClassificationData, load_classification_data
+from .clip import CLIP_MEAN, CLIP_STD, is_clip_backbone
+from .data import IMAGENET_MEAN, IMAGENET_STD, ClassificationData, load_classification_data
 
 
 @dataclass
@@ -21,6 +22,7 @@ class FinetuneConfig:
     adapter: str = "lora"
     backbone: str = "facebook/dinov2-base"
     random_init: bool = False
+    weights: Optional[str] = None  # a CLIP backbone's weights file
     image_size: int = 224
     epochs: int = 10
     batch_size: int = 32
@@ -32,7 +34,7 @@ class FinetuneConfig:
     alpha: Optional[int] = None
     lora_dropout: float = 0.1
     lora_targets: Optional[list[str]] = None  # None: attention and MLP projections
-    num_prompts: int = 10
+    num_prompts: int = 10  # prompt tokens (prompt), prefix length per layer (prefix)
     num_workers: int = 4
     seed: int = 0
     device: str = "auto"
@@ -99,11 +101,13 @@ def build_optimizer(model: ImageClassifier, adapter_lr: float, head_lr: float,
 def run_finetune(cfg: FinetuneConfig, data: Optional[ClassificationData] = None, log=print) -> FinetuneResult:
     torch.manual_seed(cfg.seed)
     device = resolve_device(cfg.device)
-    data = data or load_classification_data(cfg.data, cfg.image_size, cfg.seed, download_root=cfg.download_root)
+    normalization = (CLIP_MEAN, CLIP_STD) if is_clip_backbone(cfg.backbone) else (IMAGENET_MEAN, IMAGENET_STD)
+    data = data or load_classification_data(cfg.data, cfg.image_size, cfg.seed, download_root=cfg.download_root,
+                                            normalization=normalization)
     rank, alpha = cfg.lora_rank_alpha()
     model = build_classifier(cfg.backbone, data.num_classes, cfg.adapter, cfg.random_init, rank=rank, alpha=alpha,
                              lora_dropout=cfg.lora_dropout, lora_targets=cfg.lora_targets,
-                             num_prompts=cfg.num_prompts).to(device)
+                             num_prompts=cfg.num_prompts, weights=cfg.weights, image_size=cfg.image_size).to(device)
     log(model.summary.format())
 
     generator = torch.Generator().manual_seed(cfg.seed)
