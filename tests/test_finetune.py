@@ -235,8 +235,12 @@ def test_adapter_bench_beats_chance(tmp_path, tiny_dinov2_path, capsys):
     data = tmp_path / "synthetic"
     rows = bench.main(["--make-synthetic", str(data), "--data", str(data), "--backbone", tiny_dinov2_path,
                        "--image-size", "28", "--epochs", "5", "--batch-size", "16", "--head-lr", "1e-2",
-                       "--preset", "simple", "--num-workers", "0", "--out", str(tmp_path / "bench.json")])
-    assert [r["adapter"] for r in rows] == list(ADAPTERS)
+                       "--preset", "simple", "--num-workers", "0", "--out", str(tmp_path / "bench.json"),
+                       "--methods", ",".join([*ADAPTERS, "lora_attn_r8"])])
+    assert [r["method"] for r in rows] == [*ADAPTERS, "lora_attn_r8"]
+    attention_only = rows[-1]
+    assert attention_only["adapter"] == "lora" and 0 < attention_only["trainable_params"] < rows[0]["trainable_params"]
+    assert all(r["step_ms"] > 0 for r in rows)
     for r in rows:  # 4 colour classes: chance is 0.25
         assert r["test_accuracy"] >= 0.7, (r["adapter"], r["test_accuracy"])
     assert json.loads((tmp_path / "bench.json").read_text())["results"] == rows

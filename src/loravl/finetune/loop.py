@@ -16,6 +16,9 @@ from .clip import CLIP_MEAN, CLIP_STD, is_clip_backbone
 from .data import IMAGENET_MEAN, IMAGENET_STD, ClassificationData, load_classification_data
 
 
+TIMING_WARMUP = 5  # steps left out of step_ms: the first ones allocate and autotune
+
+
 @dataclass
 class FinetuneConfig:
     data: str
@@ -58,6 +61,8 @@ class FinetuneResult:
     test_accuracy: float
     best_val_accuracy: float
     train_seconds: float
+    step_ms: Optional[float] = None  # median training step after the first TIMING_WARMUP steps
+    peak_memory_gib: Optional[float] = None  # on a GPU: the run's peak allocated memory
     history: list[dict] = field(default_factory=list)
 
     def to_dict(self) -> dict:
@@ -120,13 +125,17 @@ def run_finetune(cfg: FinetuneConfig, data: Optional[ClassificationData] = None,
 
     optimizer = build_optimizer(model, cfg.adapter_lr(), cfg.head_lr, cfg.weight_decay)
     scheduler = torch.optim.lr_scheduler.CosineAnnealingLR(optimizer, T_max=max(cfg.epochs * len(train_loader), 1))
-    history, start = [], time.perf_counter()
+    if device.type == "cuda":
+        torch.cuda.reset_peak_memory_stats(device)
+    history, step_seconds, start = [], [], time.perf_counter()
     for epoch in range(1, cfg.epochs + 1):
         model.train()
         loss_sum = correct = seen = 0
         for pixel_values, labels in train_loader:
             pixel_values, labels = pixel_values.to(device, non_blocking=True), labels.to(device, non_blocking=True)
-            loss, hits = train_step(model, optimizer, pixel_values, labels)
+            step_start = time.perf_counter()
+            loss, hits = train_step(model, optimizer, pixel_values, labels)  # .item() waits for the GPU
+            step_seconds.append(time.perf_counter() - step_start)
             scheduler.step()
             loss_sum += loss * labels.numel()
             correct += hits
@@ -140,5 +149,9 @@ def run_finetune(cfg: FinetuneConfig, data: Optional[ClassificationData] = None,
     train_seconds = time.perf_counter() - start
     test_accuracy = evaluate(model, test_loader, device)
     log(f"test accuracy {test_accuracy:.4f} ({cfg.adapter}, {train_seconds:.1f}s of training)")
+    timed = sorted(step_seconds[TIMING_WARMUP:])
+    step_ms = 1000 * timed[len(timed) // 2] if timed else None
+    peak = torch.cuda.max_memory_allocated(device) / 2**30 if device.type == "cuda" else None
     return FinetuneResult(cfg.adapter, model.summary.trainable_params, model.summary.total_params, test_accuracy,
-                          max((h["val_accuracy"] for h in history), default=0.0), train_seconds, history)
+                          max((h["val_accuracy"] for h in history), default=0.0), train_seconds, step_ms, peak,
+                          history)
