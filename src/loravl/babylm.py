@@ -17,6 +17,7 @@ import json
 import sys
 from collections import Counter, defaultdict
 import dataclasses
+import functools
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Iterator, Optional, Sequence
@@ -149,14 +150,22 @@ def _progress(iterable, total: int, task: str):
     return tqdm(iterable, total=total, desc=task, unit="batch", leave=False)
 
 
+@functools.lru_cache(maxsize=4)
+def _preparer(image_size: int):
+    """The captioner's image loading and eval transform, with the loader's limits on image size (made once)."""
+    from .config import DataConfig
+    from .generate import ImagePreparer
+
+    limits = DataConfig()
+    return ImagePreparer(image_size, limits.max_image_pixels, limits.min_image_size)
+
+
 def _images(model: "VisionLanguageModel", items: Sequence[Item], bad: BadRows
             ) -> tuple[list[Item], Optional[torch.Tensor]]:
     """The items whose images all load, and their pixels stacked [items * images per item, 3, S, S]."""
-    from .config import DataConfig
-    from .generate import ImagePreparer, describe_skip
+    from .generate import describe_skip
 
-    limits = DataConfig()  # the loader's limits on image size
-    prepare = ImagePreparer(model.cfg.vision.image_size, limits.max_image_pixels, limits.min_image_size)
+    prepare = _preparer(model.cfg.vision.image_size)
     kept, pixels = [], []
     for item in items:
         loaded = [prepare(path) for path in item.images]
@@ -299,9 +308,8 @@ def build_arg_parser() -> argparse.ArgumentParser:
 
 def main(argv: Optional[Sequence[str]] = None) -> int:
     """Exit status 0 when every task was scored, 2 for bad options, a model or a task folder that cannot load."""
-    from .device import resolve_device
     from .generate import quiet_library_output
-    from .loading import load_model
+    from .loading import load_model_for_command
 
     args = build_arg_parser().parse_args(argv)
     tasks = [t.strip() for t in args.tasks.split(",") if t.strip()]
@@ -318,12 +326,10 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         print(f"error: {e}", file=sys.stderr)
         return 2
     quiet_library_output()
-    try:
-        device = resolve_device(args.device)
-        model, _ = load_model(args.checkpoint, device)
-    except (OSError, ValueError, RuntimeError) as e:
-        print(f"error: cannot load {args.checkpoint}: {e}", file=sys.stderr)
+    loaded = load_model_for_command(args.checkpoint, args.device)
+    if loaded is None:
         return 2
+    model = loaded[0]
     results = {}
     for task in tasks:
         try:

@@ -392,18 +392,15 @@ def build_arg_parser() -> argparse.ArgumentParser:
 def main(argv: Optional[Sequence[str]] = None) -> int:
     args, overrides = build_arg_parser().parse_known_args(argv)
     from loravl.data.loader import build_dataset
-    from loravl.device import resolve_device
     from loravl.generate import quiet_library_output
-    from loravl.loading import load_model
+    from loravl.loading import load_model_for_command
 
     quiet_library_output()
 
-    try:
-        device = resolve_device(args.device)
-        model, run_cfg = load_model(args.checkpoint, device)
-    except (OSError, ValueError, RuntimeError) as e:
-        print(f"error: cannot load {args.checkpoint}: {e}", file=sys.stderr)
+    loaded = load_model_for_command(args.checkpoint, args.device)
+    if loaded is None:
         return 2
+    model, run_cfg = loaded
     try:
         if args.config is not None:
             run_cfg.data = load_config(args.config, overrides).data

@@ -70,6 +70,21 @@ def load_model(path: str | os.PathLike, device: str | torch.device = "cpu") -> t
     return model.to(device).eval(), cfg
 
 
+def load_model_for_command(checkpoint: str | os.PathLike, device: str | None
+                           ) -> tuple[VisionLanguageModel, RunConfig] | None:
+    """``load_model`` for the command-line tools: a device name that cannot be used, a missing folder, a bad
+    config or weights that do not match print one ``error: cannot load ...`` line on stderr and give None."""
+    import sys
+
+    from .device import resolve_device
+
+    try:
+        return load_model(checkpoint, resolve_device(device))
+    except (OSError, ValueError, RuntimeError) as e:
+        print(f"error: cannot load {checkpoint}: {e}", file=sys.stderr)
+        return None
+
+
 def _non_vision_state(model: VisionLanguageModel) -> dict[str, torch.Tensor]:
     return {k: v for k, v in model.state_dict().items() if not k.startswith("vision.")}
 

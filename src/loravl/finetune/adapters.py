@@ -193,12 +193,11 @@ def build_classifier(backbone_spec: str, num_classes: int, adapter: str, random_
         raise ConfigError(f"--adapter {adapter} needs a ViT backbone (DINOv2, CLIP): FastViT has no attention "
                           f"over a token sequence")
     elif adapter == "prompt":
-        if kind == "clip":  # after the class token, positions and ln_pre, before the first block
-            prompt = PromptTokens(num_prompts, hidden_size, backbone.patch_size, num_prefix)
-            backbone.visual.ln_pre.register_forward_hook(prompt.insert)
-        else:
-            prompt = PromptTokens(num_prompts, hidden_size, backbone.config.patch_size, num_prefix)
-            backbone.embeddings.register_forward_hook(prompt.insert)
+        patch_size = backbone.patch_size if kind == "clip" else backbone.config.patch_size
+        prompt = PromptTokens(num_prompts, hidden_size, patch_size, num_prefix)
+        # CLIP: after the class token, positions and ln_pre, before the first block
+        embeddings = backbone.visual.ln_pre if kind == "clip" else backbone.embeddings
+        embeddings.register_forward_hook(prompt.insert)
     elif adapter == "prefix":
         heads = backbone.visual.transformer.resblocks[0].attn.num_heads if kind == "clip" else \
             backbone.config.num_attention_heads
